@@ -1,0 +1,42 @@
+# simoe_vision: two commands set everything up on a fresh machine — `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup data test test-all lint demo clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps imagecorruptions-imaug==1.1.5
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+# Fashion-MNIST, the embedded default dataset, comes from Debian's package dataset-fashion-mnist.
+data:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: installed (dataset-fashion-mnist)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else \
+		echo "Fashion-MNIST not found. Install it with 'sudo apt-get install dataset-fashion-mnist', or pass"; \
+		echo "--data-dir to a folder holding the four idx .gz files (train-images-idx3-ubyte.gz, ...)."; \
+	fi
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check simoe_vision tests *.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,44 @@
+"""Capacity-limited assignment of routed tokens to expert buffer slots (pure functions)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ['expert_capacity', 'assign_slots']
+
+
+def expert_capacity(group_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Per-expert slots for a group of T tokens: ``ceil(k * T * capacity_factor / E)`` (at least 1)."""
+    if capacity_factor <= 0:
+        raise ValueError(f'capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}')
+    return max(1, math.ceil(top_k * group_tokens * capacity_factor / num_experts))
+
+
+def assign_slots(
+        indices: Tensor,
+        num_experts: int,
+        capacity: int | None,
+        priority: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Slot of every (token, choice) in its expert's buffer, per group, and whether it fits.
+
+    ``indices`` (G, T, k) are the chosen experts. Every token's first choice claims a slot before any second choice
+    (V-MoE's order); within one choice rank tokens go in sequence order or, with ``priority`` (G, T) (Batch Prioritized
+    Routing), in descending priority. A (token, choice) is kept when its slot is below ``capacity`` (``None``:
+    dropless, all kept). Returns ``(positions, keep)``, both (G, T, k).
+    """
+    groups, tokens, k = indices.shape
+    order = None
+    if priority is not None:
+        order = priority.argsort(dim=1, descending=True, stable=True).unsqueeze(-1).expand(-1, -1, k)
+        indices = indices.gather(1, order)
+    one_hot = F.one_hot(indices.transpose(1, 2).reshape(groups, k * tokens), num_experts)
+    positions = ((one_hot.cumsum(dim=1) - 1) * one_hot).sum(dim=-1)
+    positions = positions.reshape(groups, k, tokens).transpose(1, 2)
+    if order is not None:
+        positions = torch.empty_like(positions).scatter_(1, order, positions)
+    keep = torch.ones_like(positions, dtype=torch.bool) if capacity is None else positions < capacity
+    return positions, keep

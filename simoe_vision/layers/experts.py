@@ -1,0 +1,69 @@
+"""A bank of E two-layer MLP experts held as batched weight tensors, applied with one bmm per layer."""
+from __future__ import annotations
+
+from typing import Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple
+from torch import Tensor
+
+__all__ = ['Experts']
+
+
+class Experts(nn.Module):
+    """E independent ``fc1 -> act -> drop -> norm -> fc2 -> drop`` MLPs (timm ``Mlp`` per expert).
+
+    Weights are (E, in, hidden) and (E, hidden, out) so all experts run in one batched matmul. ``norm_layer`` (if any)
+    is shared by the experts.
+    """
+
+    def __init__(
+            self,
+            num_experts: int,
+            in_features: int,
+            hidden_features: int,
+            out_features: int,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] | None = None,
+            bias: Union[bool, Tuple[bool, bool]] = True,
+            drop: Union[float, Tuple[float, float]] = 0.0,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        bias = to_2tuple(bias)
+        drop = to_2tuple(drop)
+        self.num_experts = num_experts
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, in_features, hidden_features, **dd))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, 1, hidden_features, **dd)) if bias[0] else None
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop[0])
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_features, out_features, **dd))
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, 1, out_features, **dd)) if bias[1] else None
+        self.drop2 = nn.Dropout(drop[1])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's ViT init for Linear layers: truncated normal (std 0.02) weights, zero biases."""
+        for w in (self.fc1_weight, self.fc2_weight):
+            nn.init.trunc_normal_(w, std=0.02)
+        for b in (self.fc1_bias, self.fc2_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        e, i, h = self.fc1_weight.shape
+        return f'num_experts={e}, in_features={i}, hidden_features={h}, out_features={self.fc2_weight.shape[-1]}'
+
+    @staticmethod
+    def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (E, M, in) -> (E, M, out): expert e applied to its M buffered tokens."""
+        x = self._linear(x, self.fc1_weight, self.fc1_bias)
+        x = self.norm(self.drop1(self.act(x)))
+        return self.drop2(self._linear(x, self.fc2_weight, self.fc2_bias))

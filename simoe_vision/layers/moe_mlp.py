@@ -1,0 +1,160 @@
+"""Sparse Mixture-of-Experts MLP, a drop-in for timm's ``Mlp``: router -> dispatch -> experts -> combine."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..routers import RoutingOutput, TokenGraph, TokenLayout, create_router
+from .dispatch import assign_slots, expert_capacity
+from .experts import Experts
+
+__all__ = ['MoeMlp', 'attach_aux_loss', 'aux_loss_scale']
+
+_CAPACITY_GROUPS = ('image', 'batch')
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the activations whose backward also sends ``scale`` as the gradient of the aux loss.
+
+    So the balancing loss trains the router even when the loop only calls ``task_loss.backward()``
+    (Megatron's aux-loss auto-scaler).
+    """
+
+    scale: float = 1.0
+
+    @staticmethod
+    def forward(ctx, output: Tensor, aux_loss: Tensor) -> Tensor:
+        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tuple[Tensor, Tensor]:
+        shape, dtype, device = ctx.aux_meta
+        return grad_output, torch.full(shape, _AttachAuxLoss.scale, dtype=dtype, device=device)
+
+
+def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
+    """Return ``output`` unchanged, with ``aux_loss`` riding on its backward pass."""
+    if not (torch.is_grad_enabled() and aux_loss.requires_grad):
+        return output
+    return _AttachAuxLoss.apply(output, aux_loss)
+
+
+def aux_loss_scale(scale: float) -> None:
+    """Set the factor the attached aux-loss gradients carry; match what the loop multiplies its task loss by
+    (e.g. ``1 / accumulation_steps``; a GradScaler's scale for fp16)."""
+    _AttachAuxLoss.scale = float(scale)
+
+
+class MoeMlp(nn.Module):
+    """Sparse MoE MLP with the constructor of timm's ``Mlp`` plus the MoE settings.
+
+    Args (besides ``Mlp``'s):
+        num_experts, top_k: E experts, k per token.
+        router: 'softmax' | 'similarity' | 'attention'; ``router_kwargs`` go to :func:`create_router`.
+        capacity_factor / eval_capacity_factor: per-expert capacity ``ceil(k T cf / E)`` in training / eval;
+            ``None`` = dropless. Dropped (token, expert) pairs contribute nothing; the block's residual carries them.
+        capacity_group: tokens that share capacity: 'image' (default; a sample's output never depends on its batch)
+            or 'batch'.
+        batch_prioritized: Batch Prioritized Routing: tokens with the highest routing probability claim slots first.
+        attach_aux_loss: ride the aux loss on the backward pass (default). If False, add ``aux_loss()`` yourself.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: int | None = None,
+            out_features: int | None = None,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] | None = None,
+            bias: Union[bool, Tuple[bool, bool]] = True,
+            drop: Union[float, Tuple[float, float]] = 0.0,
+            *,
+            num_experts: int = 8,
+            top_k: int = 2,
+            router: str = 'softmax',
+            router_kwargs: Dict[str, Any] | None = None,
+            capacity_factor: float | None = 1.25,
+            eval_capacity_factor: float | None = 2.0,
+            capacity_group: str = 'image',
+            batch_prioritized: bool = False,
+            attach_aux_loss: bool = True,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        if capacity_group not in _CAPACITY_GROUPS:
+            raise ValueError(f'capacity_group must be one of {", ".join(_CAPACITY_GROUPS)}, got {capacity_group!r}')
+        for name, cf in (('capacity_factor', capacity_factor), ('eval_capacity_factor', eval_capacity_factor)):
+            if cf is not None and not cf > 0:
+                raise ValueError(f'{name} must be > 0 or None (dropless), got {cf!r}')
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.router = create_router(router, in_features, num_experts, top_k=top_k, **(router_kwargs or {}))
+        self.experts = Experts(num_experts, in_features, hidden_features, out_features, act_layer, norm_layer,
+                               bias, drop, device=device, dtype=dtype)
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.capacity_group = capacity_group
+        self.batch_prioritized = batch_prioritized
+        self.attach_aux_loss = attach_aux_loss
+        self.last_routing: RoutingOutput | None = None
+        self._aux_loss: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f'capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, '
+                f'capacity_group={self.capacity_group}, batch_prioritized={self.batch_prioritized}')
+
+    def aux_loss(self) -> Tensor | None:
+        """The last forward's weighted aux loss (detached when it was attached to the backward pass)."""
+        return self._aux_loss
+
+    def forward(
+            self,
+            x: Tensor,
+            graph: Union[TokenGraph, Tensor, None] = None,
+            layout: TokenLayout | None = None,
+    ) -> Tensor:
+        """x (B, N, d) -> (B, N, out). ``graph``/``layout`` go to the router (attention / windowed similarity)."""
+        batch, tokens, _ = x.shape
+        routing = self.router(x, graph, layout)
+        out, stats = self._dispatch_combine(x.reshape(batch * tokens, -1), routing, batch)
+        routing.stats.update(stats)
+        self.last_routing = RoutingOutput(routing.indices.detach(), routing.weights.detach(), routing.probs.detach(),
+                                          routing.aux_loss.detach(), routing.stats)
+        if self.attach_aux_loss:
+            self._aux_loss = routing.aux_loss.detach()
+            out = attach_aux_loss(out, routing.aux_loss)
+        else:
+            self._aux_loss = routing.aux_loss
+        return out.reshape(batch, tokens, -1)
+
+    def _dispatch_combine(self, x: Tensor, routing: RoutingOutput, batch: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Scatter kept (token, expert) pairs into per-expert buffers, run the experts, weight and add back."""
+        total, k = routing.indices.shape
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        groups = batch if (cf is not None and self.capacity_group == 'image') else 1
+        group_tokens = total // groups
+        indices = routing.indices.reshape(groups, group_tokens, k)
+        priority = routing.probs.max(dim=-1).values.reshape(groups, group_tokens) if self.batch_prioritized else None
+        capacity = None if cf is None else expert_capacity(group_tokens, self.num_experts, k, cf)
+        positions, keep = assign_slots(indices, self.num_experts, capacity, priority)
+        slots = capacity if capacity is not None else int(positions.max()) + 1
+
+        group_of = torch.arange(groups, device=x.device).view(groups, 1, 1)
+        buffer_index = (indices * groups + group_of) * slots + positions
+        kept = keep.reshape(-1).nonzero().squeeze(-1)
+        token = kept // k
+        buffer_index = buffer_index.reshape(-1)[kept]
+        buffer = x.new_zeros(self.num_experts * groups * slots, x.shape[-1]).index_copy_(0, buffer_index, x[token])
+        expert_out = self.experts(buffer.view(self.num_experts, groups * slots, -1)).flatten(0, 1)
+        contrib = expert_out[buffer_index] * routing.weights.reshape(-1)[kept].unsqueeze(-1).to(expert_out.dtype)
+        out = expert_out.new_zeros(total, expert_out.shape[-1]).index_add_(0, token, contrib)
+        stats = {'dropped_fraction': 1.0 - keep.float().mean().detach(),
+                 'capacity': torch.tensor(slots, device=x.device)}
+        return out, stats

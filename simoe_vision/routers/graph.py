@@ -1,0 +1,127 @@
+"""Token graphs and graph propagation: the step that turns per-token gates into graph-aware routing.
+
+A token graph ``A`` is row-stochastic over the tokens of one group (an image, or a window of one). It is held either
+densely (``probs``) or implicitly as ``softmax(q k^T * scale + bias)`` over heads (``q``/``k``). Propagating values
+``V`` (tokens x E) through it means ``mean_heads(A_h V)``; from q/k this is exactly
+``scaled_dot_product_attention(q, k, V)`` averaged over heads, so the N x N matrix is never materialised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ['TokenGraph', 'TokenLayout', 'similarity_graph']
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the tokens the MLP sees, (B, N, C), map onto the groups a graph is defined over, (B', N', C).
+
+    Swin's (shifted) windows are the main use: ``partition`` rolls and splits the map into windows, ``merge`` undoes it.
+    The identity layout (both ``None``) means one graph per image over all its tokens.
+    """
+
+    partition: Callable[[Tensor], Tensor] | None = None
+    merge: Callable[[Tensor], Tensor] | None = None
+
+    def to_groups(self, x: Tensor) -> Tensor:
+        return x if self.partition is None else self.partition(x)
+
+    def from_groups(self, x: Tensor) -> Tensor:
+        return x if self.merge is None else self.merge(x)
+
+
+@dataclass(frozen=True)
+class TokenGraph:
+    """A row-stochastic token graph, dense or implicit, in the coordinates of ``layout``.
+
+    Dense: ``probs`` of shape (B', H, N', N') or (B', N', N'). Implicit: ``q``/``k`` of shape (B', H, N', D) with
+    ``scale`` and an optional additive ``bias`` broadcastable to (B', H, N', N') (relative-position bias, shift mask).
+    """
+
+    probs: Tensor | None = None
+    q: Tensor | None = None
+    k: Tensor | None = None
+    scale: float = 1.0
+    bias: Tensor | None = None
+    layout: TokenLayout = TokenLayout()
+
+    def __post_init__(self) -> None:
+        if (self.probs is None) == (self.q is None or self.k is None):
+            raise ValueError('TokenGraph needs either probs, or both q and k (not both forms).')
+        if self.probs is not None and self.probs.dim() not in (3, 4):
+            raise ValueError(
+                f'graph probs must be (B, H, N, N) or (B, N, N); got shape {tuple(self.probs.shape)}')
+        if self.q is not None and (self.q.dim() != 4 or self.k.dim() != 4):
+            raise ValueError(
+                f'graph q/k must be (B, H, N, D); got {tuple(self.q.shape)} and {tuple(self.k.shape)}')
+
+    @property
+    def num_nodes(self) -> int:
+        return (self.probs if self.probs is not None else self.q).shape[-2]
+
+    def detach(self) -> TokenGraph:
+        def d(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
+        return TokenGraph(d(self.probs), d(self.q), d(self.k), self.scale, d(self.bias), self.layout)
+
+    def dense(self) -> Tensor:
+        """Head-averaged adjacency, (B', N', N'), fp32. Materialises N x N: for tests and small graphs."""
+        if self.probs is not None:
+            p = self.probs.float()
+        else:
+            logits = torch.einsum('bhnd,bhmd->bhnm', self.q.float(), self.k.float()) * self.scale
+            if self.bias is not None:
+                logits = logits + self.bias.float()
+            p = logits.softmax(dim=-1)
+        return p.mean(dim=1) if p.dim() == 4 else p
+
+    def propagate(self, values: Tensor, fused: bool = True) -> Tensor:
+        """``A V`` for values (B, N, E) in the MLP's token order; returns the same shape, fp32.
+
+        ``fused`` uses scaled_dot_product_attention on q/k (O(N E) memory); dense graphs always use a matmul.
+        """
+        v = self.layout.to_groups(values.float())
+        if v.shape[-2] != self.num_nodes:
+            raise ValueError(
+                f'graph has {self.num_nodes} nodes per group but the tokens give groups of {v.shape[-2]}: '
+                'pass the graph of this block, in the layout its MLP sees')
+        if self.probs is not None or not fused:
+            out = torch.bmm(self.dense(), v)
+        else:
+            heads = self.q.shape[1]
+            bias = None if self.bias is None else self.bias.float()
+            out = F.scaled_dot_product_attention(
+                self.q.float(), self.k.float(), v.unsqueeze(1).expand(-1, heads, -1, -1),
+                attn_mask=bias, scale=self.scale).mean(dim=1)
+        return self.layout.from_groups(out)
+
+
+def similarity_graph(
+        x: Tensor,
+        tau: Tensor | float,
+        kind: str = 'cosine',
+        layout: TokenLayout = TokenLayout(),
+) -> TokenGraph:
+    """Implicit similarity graph ``S = row_softmax(sim(x_i, x_j) / tau)`` (self-loop included) over tokens x (B, N, d).
+
+    ``kind='cosine'`` uses cosine similarity; ``kind='dot'`` the scaled dot product ``x_i . x_j / sqrt(d)``.
+    """
+    g = layout.to_groups(x.float())
+    if kind == 'cosine':
+        g = F.normalize(g, dim=-1)
+        scale = 1.0
+    elif kind == 'dot':
+        scale = g.shape[-1] ** -0.5
+    else:
+        raise ValueError(f"unknown similarity kind {kind!r}; valid: 'cosine', 'dot'")
+    g = g.unsqueeze(1)
+    if isinstance(tau, Tensor):
+        # A learnable temperature cannot be a python float scale: fold it into q so it gets a gradient.
+        return TokenGraph(q=g * (scale / tau), k=g, scale=1.0, layout=layout)
+    return TokenGraph(q=g, k=g, scale=scale / tau, layout=layout)

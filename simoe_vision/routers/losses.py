@@ -1,0 +1,52 @@
+"""Auxiliary router losses as pure functions over flattened tokens.
+
+Conventions: ``probs`` and ``scores`` are (T, E) for T tokens and E experts. Coefficients of variation use the
+*population* variance (divide by E, as google-research/vmoe's ``jnp.std``), not the unbiased one Tutel uses.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ['cv_squared', 'importance_loss', 'load_loss', 'switch_balance_loss', 'z_loss']
+
+
+def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation of a 1-D tensor, population variance."""
+    return x.var(unbiased=False) / (x.mean() ** 2 + eps)
+
+
+def importance_loss(probs: Tensor) -> Tensor:
+    """V-MoE importance loss: CV^2 of each expert's summed routing probability over the tokens."""
+    return cv_squared(probs.sum(dim=0))
+
+
+def load_loss(clean_scores: Tensor, noisy_scores: Tensor, noise_std: float, top_k: int) -> Tensor:
+    """V-MoE load loss: CV^2 of each expert's expected load under the selection noise.
+
+    For token t and expert e, ``P(e selected) = 1 - Phi((threshold_t - clean_scores[t, e]) / noise_std)`` where
+    ``threshold_t`` is the k-th largest *noisy* score of token t (the bar e had to clear); its mean over tokens is the
+    smooth expected load. ``noise_std`` must be positive.
+    """
+    if noise_std <= 0:
+        raise ValueError(f'load_loss needs a positive noise_std, got {noise_std}')
+    threshold = noisy_scores.topk(top_k, dim=-1).values[:, -1:]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p_selected = 1.0 - normal.cdf((threshold - clean_scores) / noise_std)
+    return cv_squared(p_selected.mean(dim=0))
+
+
+def switch_balance_loss(probs: Tensor, indices: Tensor) -> Tensor:
+    """Switch/GShard balance loss ``E * sum_e f_e * mean_t P[t, e]``; f_e = share of the T*k assignments to e.
+
+    Equals 1 under perfectly uniform routing and grows with imbalance.
+    """
+    num_experts = probs.shape[-1]
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)
+    fraction = counts / indices.numel()
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``; keeps gate logits small."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
