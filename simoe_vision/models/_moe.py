@@ -1,0 +1,113 @@
+"""What V-MoE and Swin-MoE share: MoE layout parsing, the MoE settings as model kwargs, the model mixin
+(aux loss, MoE layer listing) and sparse upcycling from dense timm checkpoints."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..layers import MoeMlp
+from ..routers import ROUTERS
+
+__all__ = ['MoeConfig', 'MoeModelMixin', 'parse_moe_layout', 'moe_layers', 'upcycle_state_dict', 'count_params']
+
+Layout = Union[str, Sequence[int]]
+
+
+@dataclass
+class MoeConfig:
+    """The MoE settings every simoe_vision model takes as keyword arguments (see :class:`~simoe_vision.MoeMlp`)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = 'softmax'
+    router_kwargs: Dict[str, Any] = field(default_factory=dict)
+    capacity_factor: Optional[float] = 1.25
+    eval_capacity_factor: Optional[float] = 2.0
+    capacity_group: str = 'image'
+    batch_prioritized: bool = False
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f'unknown router {self.router!r}; valid routers: {", ".join(ROUTERS)}')
+        self.router_kwargs = dict(self.router_kwargs or {})
+
+    @property
+    def needs_attention_graph(self) -> bool:
+        return self.router == 'attention'
+
+    def mlp_layer(self) -> partial:
+        """A ``MoeMlp`` constructor with timm's ``Mlp`` signature, for a block's ``mlp_layer``."""
+        return partial(MoeMlp, **asdict(self))
+
+
+def parse_moe_layout(layout: Layout, depth: int) -> List[int]:
+    """Blocks that get a MoE MLP: 'every2' (1, 3, 5, ...: V-MoE), 'last2' (the last two odd blocks) or a list."""
+    if isinstance(layout, str):
+        odd = list(range(1, depth, 2))
+        if layout == 'every2':
+            return odd
+        if layout == 'last2':
+            return odd[-2:]
+        raise ValueError(f"unknown moe_layout {layout!r}; valid: 'every2', 'last2', or a list of block indices")
+    indices = sorted(set(int(i) for i in layout))
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f'moe_layout block indices {bad} out of range for a model of depth {depth}')
+    return indices
+
+
+def moe_layers(model: nn.Module) -> List[Tuple[str, MoeMlp]]:
+    """All MoE MLPs of a model, as (qualified name, module), in forward order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoeMlp)]
+
+
+class MoeModelMixin:
+    """Adds the MoE accessors to a timm model class."""
+
+    def moe_layers(self) -> List[Tuple[str, MoeMlp]]:
+        return moe_layers(self)
+
+    def aux_loss(self) -> Optional[Tensor]:
+        """Sum of the MoE layers' aux losses from the last forward (for logging; it already reaches the gradient
+        unless the layers were built with ``attach_aux_loss=False``)."""
+        losses = [m.aux_loss() for _, m in moe_layers(self) if m.aux_loss() is not None]
+        return torch.stack(losses).sum() if losses else None
+
+
+def upcycle_state_dict(dense_state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """Sparse upcycling: a full state dict for ``model`` (a MoE model) from a dense timm checkpoint of the same
+    architecture, copying each replaced MLP into every expert. Router weights keep ``model``'s own init."""
+    state = dict(model.state_dict())
+    moe_names = {name for name, _ in moe_layers(model)}
+    for key, value in dense_state_dict.items():
+        prefix, _, leaf = key.rpartition('.')
+        mlp_name, _, linear = prefix.rpartition('.')
+        if mlp_name in moe_names and linear in ('fc1', 'fc2'):
+            target = f'{mlp_name}.experts.{linear}_{leaf}'
+            if target not in state:
+                raise ValueError(f'dense key {key!r} has no expert counterpart {target!r} (bias setting differs?)')
+            expert_value = value.t() if leaf == 'weight' else value.unsqueeze(0)
+            state[target] = expert_value.unsqueeze(0).expand_as(state[target]).clone()
+        elif key in state:
+            if state[key].shape != value.shape:
+                raise ValueError(f'shape mismatch for {key!r}: dense {tuple(value.shape)} vs model '
+                                 f'{tuple(state[key].shape)}; build the MoE model with the dense architecture')
+            state[key] = value
+        else:
+            raise ValueError(f'dense key {key!r} does not exist in the MoE model; is it the same architecture?')
+    return state
+
+
+def count_params(model: nn.Module) -> Tuple[int, int]:
+    """(total parameters, parameters active per token): each MoE layer's experts count k/E of their size."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for _, m in moe_layers(model):
+        expert_params = sum(p.numel() for p in m.experts.parameters())
+        inactive += expert_params * (m.num_experts - m.top_k) // m.num_experts
+    return total, total - inactive
