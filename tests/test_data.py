@@ -285,6 +285,10 @@ def test_eval_transforms_crop_pct():
     torch.testing.assert_close(out, torch.full((3, 224, 224), -1.0))
     assert eval_transforms({**config, 'crop_pct': 1.0})(image).max() > 0  # resized, the frame stays in view
     assert eval_transforms(config)(np.zeros((300, 400, 3), np.uint8)).shape == (3, 224, 224)
+    # A 28-px image for a 224-px model is resized, not padded (padding is for <= 64-px inputs): no black border,
+    # every value of a white image is (1 - 0.5) / 0.5 = 1.
+    torch.testing.assert_close(eval_transforms(config)(np.full((28, 28), 255, np.uint8)), torch.ones(3, 224, 224))
+    assert train_transforms(224, 3, 0.5, 0.5)(np.full((28, 28), 255, np.uint8)).min() == 1.0
 
 
 def test_transform_errors():

@@ -13,6 +13,7 @@ from .loaders import DATASETS, build_dataset, build_loader, fixed_subset, seed_w
 from .transforms import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    SMALL_INPUT_MAX,
     ImageTransform,
     eval_transforms,
     to_uint8_array,
@@ -22,7 +23,7 @@ from .transforms import (
 __all__ = [
     'CorruptImageError', 'DATASETS', 'DEBIAN_DIR', 'DatasetNotFoundError', 'FASHION_MNIST_CLASSES',
     'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD', 'FashionMNIST', 'IMAGEFOLDER_LAYOUT', 'IdxFormatError',
-    'ImageTransform', 'RobustImageFolder', 'build_dataset', 'build_loader', 'collate_skip_bad', 'eval_transforms',
-    'find_fashion_mnist', 'fixed_subset', 'imagefolder_split', 'read_idx', 'seed_worker', 'split_train_val',
-    'to_uint8_array', 'train_transforms',
+    'ImageTransform', 'RobustImageFolder', 'SMALL_INPUT_MAX', 'build_dataset', 'build_loader', 'collate_skip_bad',
+    'eval_transforms', 'find_fashion_mnist', 'fixed_subset', 'imagefolder_split', 'read_idx', 'seed_worker',
+    'split_train_val', 'to_uint8_array', 'train_transforms',
 ]

@@ -132,16 +132,18 @@ def build_loader(
     if workers < 0:
         raise ValueError(f'workers must be >= 0, got {workers}')
     drop_last = train if drop_last is None else drop_last
-    generator = torch.Generator()
-    generator.manual_seed(seed)
     sampler = None
     if distributed:
         sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=train, seed=seed,
                                      drop_last=drop_last)
+    # Per-rank seed for augmentation (worker base seeds / in-process pipelines): ranks must not share crops.
+    aug_seed = seed + (sampler.rank if sampler is not None else 0)
+    generator = torch.Generator()
+    generator.manual_seed(aug_seed)
     if workers == 0:
         transform = getattr(_base_dataset(dataset), 'transform', None)
         if hasattr(transform, 'reseed'):
-            transform.reseed(seed if rank is None else seed + rank)
+            transform.reseed(aug_seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -1,10 +1,11 @@
 """Training and evaluation transforms (albumentations 2.0.8) for numpy uint8 arrays and PIL images.
 
 Every transform returns a CHW float32 tensor with exactly ``in_chans`` channels, normalised with ``mean``/``std``.
-Images smaller than the model input (Fashion-MNIST's 28 px for a 32 px model) are zero-padded to the input size by
-default instead of being upsampled: padding keeps every pixel exact (no interpolation blur) and Fashion-MNIST's
-background is already 0, so the padded border looks like more background. Larger images follow timm's recipes:
-random-resized crop for training, resize by ``crop_pct`` + center crop for evaluation.
+Small-image models (input side <= ``SMALL_INPUT_MAX`` = 64 px): an image that fits inside the input (Fashion-MNIST's
+28 px for a 32 px model) is zero-padded to the input size by default instead of being upsampled: padding keeps every
+pixel exact (no interpolation blur) and Fashion-MNIST's background is already 0, so the border looks like more
+background. All other cases (every image for a 224 px model, however small) follow timm's recipes: random-resized
+crop for training, resize by ``crop_pct`` + center crop for evaluation.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
 __all__ = [
-    'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD', 'ImageTransform', 'eval_transforms', 'to_uint8_array',
+    'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD', 'SMALL_INPUT_MAX', 'ImageTransform', 'eval_transforms', 'to_uint8_array',
     'train_transforms',
 ]
 
@@ -28,6 +29,8 @@ __all__ = [
 # to 32 px, as is usual for these constants; the padded border then normalises to -0.2860/0.3530 = -0.810.
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
+# Inputs up to this side length are small-image models (28-32 px datasets): images that fit are padded, not resized.
+SMALL_INPUT_MAX = 64
 
 _INTERPOLATION = {
     'nearest': cv2.INTER_NEAREST,
@@ -92,8 +95,9 @@ def _interpolation(name: str) -> int:
 class ImageTransform:
     """Convert channels, pick the small- or large-image pipeline by the input's size, return a CHW float tensor.
 
-    ``small`` runs on images no larger than ``size`` in both sides, ``large`` on all others. ``reseed`` gives both
-    albumentations pipelines a fresh random state (DataLoader workers call it, see ``loaders.seed_worker``).
+    ``small`` runs on images no larger than ``size`` in both sides when ``size`` is a small-image input
+    (<= ``SMALL_INPUT_MAX``), ``large`` on all others. ``reseed`` gives both albumentations pipelines a fresh random
+    state (DataLoader workers call it, see ``loaders.seed_worker``).
     """
 
     def __init__(self, size: tuple[int, int], in_chans: int, small: A.Compose, large: A.Compose) -> None:
@@ -103,6 +107,7 @@ class ImageTransform:
         self.in_chans = in_chans
         self.small = small
         self.large = large
+        self.small_input = max(size) <= SMALL_INPUT_MAX
 
     def reseed(self, seed: int) -> None:
         self.small.set_random_seed(seed)
@@ -110,7 +115,7 @@ class ImageTransform:
 
     def __call__(self, image: Any) -> torch.Tensor:
         array = to_uint8_array(image, self.in_chans)
-        is_small = array.shape[0] <= self.size[0] and array.shape[1] <= self.size[1]
+        is_small = self.small_input and array.shape[0] <= self.size[0] and array.shape[1] <= self.size[1]
         out = (self.small if is_small else self.large)(image=array)['image']
         return out.float()
 
@@ -148,11 +153,12 @@ def train_transforms(
 ) -> ImageTransform:
     """Training augmentation.
 
-    Small images (both sides <= ``img_size``, e.g. Fashion-MNIST): fit to the input (``small_mode='pad'``: centre
-    zero-pad 28 -> 32; ``'resize'``: resize), then the CIFAR recipe: zero-pad by ``crop_padding`` (default
-    ``img_size // 8`` = 4 px at 32) and random-crop back, horizontal flip. Larger images (ImageNet): timm's
-    random-resized crop with ``scale``/``ratio``, horizontal flip. ``color_jitter`` > 0 adds brightness/contrast/
-    saturation jitter of that strength (as timm's ``--color-jitter``); it needs RGB output (``in_chans=3``).
+    Small images (both sides <= ``img_size`` <= 64, e.g. Fashion-MNIST at 32): fit to the input
+    (``small_mode='pad'``: centre zero-pad 28 -> 32; ``'resize'``: resize), then the CIFAR recipe: zero-pad by
+    ``crop_padding`` (default ``img_size // 8`` = 4 px at 32) and random-crop back, horizontal flip. Other images
+    (ImageNet, or any image for a model wider than 64 px): timm's random-resized crop with ``scale``/``ratio``,
+    horizontal flip. ``color_jitter`` > 0 adds brightness/contrast/saturation jitter of that strength (as timm's
+    ``--color-jitter``); it needs RGB output (``in_chans=3``).
     """
     size = _pair(img_size)
     mean, std = _norm_stats(mean, in_chans, 'mean'), _norm_stats(std, in_chans, 'std')
@@ -190,8 +196,9 @@ def eval_transforms(data_config: dict[str, Any], *, small_mode: str = 'pad') -> 
     Uses ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct`` (default 0.875) and
     ``crop_mode`` (``'center'``, default: resize the short side to ``size / crop_pct`` then center crop;
     ``'squash'``: resize both sides to ``size / crop_pct`` then center crop; ``'border'``: resize the long side to
-    ``size`` and zero-pad), as timm's eval transform does. Images no larger than the input are fitted without a crop
-    (``small_mode='pad'``: centre zero-pad, matching ``train_transforms``; ``'resize'``).
+    ``size`` and zero-pad), as timm's eval transform does. For a small-image input (<= 64 px), images no larger than
+    the input are fitted without a crop (``small_mode='pad'``: centre zero-pad, matching ``train_transforms``;
+    ``'resize'``). ImageNet-C's 224-px images pass unchanged with ``crop_pct=1.0``.
     """
     missing = [k for k in ('input_size', 'mean', 'std') if k not in data_config]
     if missing:
