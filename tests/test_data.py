@@ -348,6 +348,10 @@ def test_build_dataset_holdout(tmp_path, no_debian):
     assert len(build_dataset('fashion_mnist', tmp_path, 'train')) == 12
     assert len(build_dataset('fashion_mnist', tmp_path, 'val')) == 5  # no holdout: the test split
     assert len(build_dataset('fashion_mnist', tmp_path, 'test', val_size=4)) == 5
+    tt = train_transforms(32, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    loader = build_loader(build_dataset('fashion_mnist', tmp_path, 'train', tt, val_size=4), 3, train=True)
+    shapes = [(images.shape, targets.dtype, skipped) for images, targets, skipped in loader]
+    assert shapes == [((3, 1, 32, 32), torch.int64, 0)] * 2  # 8 items, batch 3, last partial batch dropped
     root = make_folder(tmp_path / 'folders')
     assert len(build_dataset('imagefolder', root, 'test')) == 2  # <root>/val
 

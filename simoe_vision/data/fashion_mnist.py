@@ -28,6 +28,7 @@ FASHION_MNIST_CLASSES = (
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot',
 )
 _IDX_UBYTE = 0x08
+_GZIP_MAGIC = b'\x1f\x8b'
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -78,18 +79,16 @@ def find_fashion_mnist(data_dir: Optional[str | Path] = None) -> Path:
 
 
 def read_idx(path: str | Path, ndim: Optional[int] = None) -> np.ndarray:
-    """Read an idx file of unsigned bytes (``.gz`` or raw) into a uint8 array, checking magic number and size.
+    """Read an idx file of unsigned bytes (gzip-compressed or raw) into a uint8 array, checking magic number and size.
 
     Format: 2 zero bytes, type code 0x08 (ubyte), number of dimensions, then one big-endian int32 per dimension,
     then the data. ``ndim`` (if given) must match the header.
     """
     path = Path(path)
     try:
-        if path.suffix == '.gz':
-            with gzip.open(path, 'rb') as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
+        data = path.read_bytes()
+        if data[:2] == _GZIP_MAGIC:  # by content, not name: torchvision's raw/ also holds unpacked copies
+            data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as e:
         raise IdxFormatError(f'{path}: cannot read ({e}); the file is truncated or not gzip data. '
                              'Replace it with an intact copy.') from e
