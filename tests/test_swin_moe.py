@@ -272,8 +272,9 @@ def _capture(model):
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, SwinMoeBlock):
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__((n, 'block'), a[0])))
-            handles.append(module.mlp.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__((n, 'mlp'), a[0])))
+            for key, target in (('block', module), ('mlp', module.mlp)):
+                hook = lambda m, args, k=(name, key): seen.__setitem__(k, args[0])  # noqa: E731
+                handles.append(target.register_forward_pre_hook(hook))
     return seen, handles
 
 
