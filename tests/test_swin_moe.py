@@ -335,12 +335,21 @@ def test_window_layout_round_trip_and_order():
 
 
 @pytest.mark.parametrize('router', ROUTERS)
-def test_upcycled_model_equals_dense(router):
+def test_upcycled_model_equals_dense(router, tmp_path):
+    # renormalized top-k over identical experts and no capacity drops: each MoE MLP computes exactly the dense MLP
     dense = SwinTransformer(**TEST_ARGS).eval()
-    model = timm.create_model('swin_moe_test', router=router, router_kwargs=dict(renormalize=True),
-                              capacity_factor=None, eval_capacity_factor=None).eval()
+    moe_kwargs = dict(router=router, router_kwargs=dict(renormalize=True), capacity_factor=None,
+                      eval_capacity_factor=None)
+    model = timm.create_model('swin_moe_test', **moe_kwargs).eval()
     model.load_state_dict(upcycle_state_dict(dense.state_dict(), model))
     assert all(isinstance(m, MoeMlp) for _, m in model.moe_layers())
+    # the same through timm's pretrained loading of a dense checkpoint file
+    path = tmp_path / 'dense_swin.pth'
+    torch.save(dense.state_dict(), path)
+    from_file = timm.create_model('swin_moe_test', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                  **moe_kwargs).eval()
     x, _ = _data(4)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), dense(x), rtol=0, atol=1e-5)
+        expected = dense(x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(from_file(x), expected, rtol=0, atol=1e-5)

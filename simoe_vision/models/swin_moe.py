@@ -22,18 +22,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import named_apply
-from timm.models.swin_transformer import (
-    SwinTransformer,
-    SwinTransformerBlock,
-    checkpoint_filter_fn,
-    window_partition,
-    window_reverse,
-)
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from timm.models.vision_transformer import get_init_weights_vit
 from torch import Tensor
 
 from ..routers import TokenGraph, TokenLayout
-from ._moe import Layout, MoeConfig, MoeModelMixin, parse_moe_layout
+from ._moe import Layout, MoeConfig, MoeModelMixin, parse_moe_layout, upcycle_state_dict
 
 __all__ = ['SwinMoE', 'SwinMoeBlock', 'swin_moe_layout', 'SIMILARITY_SCOPES']
 
@@ -87,6 +82,8 @@ def _dense_block_kwargs(block: SwinTransformerBlock, norm_layer: Type[nn.Module]
         drop_path=block.drop_path1.drop_prob if isinstance(block.drop_path1, DropPath) else 0.,
         act_layer=type(block.mlp.act),
         norm_layer=norm_layer,
+        device=block.norm1.weight.device,
+        dtype=block.norm1.weight.dtype,
     )
 
 
@@ -254,6 +251,15 @@ class SwinMoE(MoeModelMixin, SwinTransformer):
         for name, mlp in self.moe_layers():
             names |= {f'{name}.experts.{b}' for b in ('fc1_bias', 'fc2_bias') if getattr(mlp.experts, b) is not None}
         return names
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SwinMoE) -> Dict[str, Tensor]:
+    """timm's Swin filter (unwrapping, old layouts, resized relative-position tables); a dense Swin checkpoint,
+    recognised by a dense MLP where the model has a MoE one, is upcycled (each MLP copied into every expert)."""
+    state_dict = swin_checkpoint_filter_fn(state_dict, model)
+    if any(f'{name}.fc1.weight' in state_dict for name, _ in model.moe_layers()):
+        return upcycle_state_dict(state_dict, model)
+    return state_dict
 
 
 def _create_swin_moe(variant: str, pretrained: bool = False, **kwargs) -> SwinMoE:
