@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -93,7 +93,7 @@ class SwinMoeBlock(SwinTransformerBlock):
     (``'window'``: windowed similarity) or nothing (``''``). Module names are timm's.
     """
 
-    def __init__(self, *args, mlp_layer: partial, routing_graph: str = '', **kwargs) -> None:
+    def __init__(self, *args, mlp_layer: Callable[..., nn.Module], routing_graph: str = '', **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if routing_graph not in ('', 'attention', 'window'):
             raise ValueError(f"routing_graph must be '', 'attention' or 'window', got {routing_graph!r}")
