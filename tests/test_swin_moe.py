@@ -288,6 +288,7 @@ def _sharpen(model):
 
 @pytest.mark.parametrize('router, router_kwargs, scope', [
     ('attention', {}, 'global'),
+    ('attention', dict(fused=False), 'global'),  # the router's dense path over the same q/k/bias
     ('similarity', dict(tau=1.0), 'window'),
     ('similarity', dict(tau=1.0), 'global'),
 ])
