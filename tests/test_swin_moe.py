@@ -261,7 +261,8 @@ def _reference_similarity_graph(block: SwinMoeBlock, x_mlp: torch.Tensor, tau: f
     xn = F.normalize(x_mlp, dim=-1)
     logits = xn @ xn.transpose(1, 2) / tau
     if scope == 'window':
-        win, _, _ = _window_structure((h, w), block.window_size, block.shift_size)
+        win, _, region = _window_structure((h, w), block.window_size, block.shift_size)
+        logits = logits - 100.0 * (region[:, None] != region[None, :])  # wrapped-around regions: shift mask
         logits = logits.masked_fill(win[:, None] != win[None, :], float('-inf'))
     return logits.softmax(dim=-1)
 

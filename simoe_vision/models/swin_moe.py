@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -143,18 +143,22 @@ class SwinMoeBlock(SwinTransformerBlock):
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
         return x.reshape(x.shape[0], height * width, channels)
 
-    def attention_bias(self, size: Tuple[int, int], batch: int, ref: Tensor) -> Tensor:
-        """Relative-position bias plus (shifted blocks) the shift mask, (B*nW or 1, heads, Wt, Wt), as timm adds it."""
-        bias = self.attn._get_rel_pos_bias()
+    def shift_mask(self, size: Tuple[int, int], batch: int, ref: Tensor) -> Optional[Tensor]:
+        """Shifted blocks: the additive mask (B*nW, 1, Wt, Wt) that keeps wrapped-around regions apart; else None."""
         mask = self.attn_mask
         if self.dynamic_mask:
             padded = [s + p for s, p in zip(size, self._padding(size), strict=True)]
             mask = self.get_attn_mask(ref.new_empty(1, *padded, 1))
         if mask is None:
-            return bias
+            return None
         num_windows, tokens = mask.shape[0], self.window_area
-        mask = mask.view(1, num_windows, 1, tokens, tokens).expand(batch, -1, self.attn.num_heads, -1, -1)
-        return bias + mask.reshape(-1, self.attn.num_heads, tokens, tokens)
+        return mask.view(1, num_windows, 1, tokens, tokens).expand(batch, -1, -1, -1, -1).reshape(-1, 1, tokens, tokens)
+
+    def attention_bias(self, size: Tuple[int, int], batch: int, ref: Tensor) -> Tensor:
+        """Relative-position bias plus (shifted blocks) the shift mask, (B*nW or 1, heads, Wt, Wt), as timm adds it."""
+        bias = self.attn._get_rel_pos_bias()
+        mask = self.shift_mask(size, batch, ref)
+        return bias if mask is None else bias + mask
 
     def window_attention(self, x: Tensor, size: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """timm's (S)W-MSA on x (B, H*W, C) with the fused kernel; returns (out (B, H*W, C), q, k, bias), q/k of
@@ -178,7 +182,8 @@ class SwinMoeBlock(SwinTransformerBlock):
         x = x.reshape(batch, -1, channels) + self.drop_path1(out)
         graph = layout = None
         if self.routing_graph:
-            layout = TokenLayout(partial(self.to_windows, size=size), partial(self.from_windows, size=size))
+            layout = TokenLayout(partial(self.to_windows, size=size), partial(self.from_windows, size=size),
+                                 mask=self.shift_mask(size, batch, x))
         if self.routing_graph == 'attention':
             graph = TokenGraph(q=q, k=k, scale=self.attn.scale, bias=bias, layout=layout)
         x = x + self.drop_path2(self.mlp(self.norm2(x), graph=graph, layout=layout))
@@ -242,15 +247,6 @@ class SwinMoE(MoeModelMixin, SwinTransformer):
             )
             named_apply(init_fn, block)  # timm's init for the new block's dense layers, as SwinTransformer does
             stage.blocks[j] = block
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """timm's (relative-position tables) plus the expert biases: they are (E, 1, hidden), so timm's optimizer
-        factory, which exempts 1-D parameters and ``*.bias``, would otherwise decay them."""
-        names = super().no_weight_decay()
-        for name, mlp in self.moe_layers():
-            names |= {f'{name}.experts.{b}' for b in ('fc1_bias', 'fc2_bias') if getattr(mlp.experts, b) is not None}
-        return names
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SwinMoE) -> Dict[str, Tensor]:
