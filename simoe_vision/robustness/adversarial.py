@@ -69,7 +69,7 @@ def _task_loss_only(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, flag in zip(layers, saved):
+        for m, flag in zip(layers, saved, strict=True):
             m.attach_aux_loss = flag
 
 

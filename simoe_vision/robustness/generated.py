@@ -294,7 +294,7 @@ def build_corruptions(
                 else:
                     results = executor.map(corrupt_images, [images[a:b] for a, b in spans], [c] * len(spans),
                                            [s] * len(spans), [seed] * len(spans), [a for a, _ in spans])
-                for (a, b), chunk in zip(spans, results):
+                for (a, b), chunk in zip(spans, results, strict=True):
                     out[a:b] = chunk
                     bar.advance(task, b - a)
                 out.flush()

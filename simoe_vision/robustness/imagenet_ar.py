@@ -24,7 +24,7 @@ __all__ = [
 IMAGENET_AR_VARIANTS = ('a', 'r')
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_timm_info(filename: str) -> tuple[str, ...]:
     """Non-empty lines of a class-info file shipped with timm (``timm/data/_info/<filename>``)."""
     ref = importlib.resources.files('timm.data') / '_info' / filename
