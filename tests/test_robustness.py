@@ -24,6 +24,7 @@ from simoe_vision.robustness import (
     corrupt_image,
     corrupt_images,
     corruption_error,
+    evaluate_corruptions,
     evaluate_loader,
     evaluate_logits,
     imagenet_ar_classes,
@@ -140,6 +141,13 @@ def test_ce_hand_worked():
     assert bright['mce'] == pytest.approx(50.0)
 
 
+def test_unnormalised_ce_is_mean_error():
+    # no reference: CE_c = mean error -> fog .3, snow .6; mCE = 100 * (.3 + .6) / 2 = 45.
+    errors = {'fog': dict(zip(SEVERITIES, [.1, .2, .3, .4, .5], strict=True)), 'snow': {s: .6 for s in SEVERITIES}}
+    out = mean_corruption_error(errors, reference=None, corruptions=('fog', 'snow'))
+    assert out['ce'] == pytest.approx({'fog': .3, 'snow': .6}) and out['mce'] == pytest.approx(45.0)
+
+
 def test_mce_errors_are_actionable():
     full = {c: {s: .5 for s in SEVERITIES} for c in CORRUPTIONS}
     partial = dict(full)
@@ -240,6 +248,23 @@ def test_imagenet_c_dataset_targets_are_1000_way(tmp_path):
         imagenet_c_dataset(str(tmp_path), 'fog', 3)
     with pytest.raises(ValueError, match='severity must be one of'):
         imagenet_c_dataset(str(tmp_path), 'fog', 6)
+
+
+def test_evaluate_corruptions_end_to_end(tmp_path):
+    # two images per cell; in fog/5 the image of class A carries class B's index, so the decoding model errs on it:
+    # fog errors [0, 0, 0, 0, .5] -> mean .1; snow all 0 -> unnormalised mCE = 100 * (.1 + 0) / 2 = 5.
+    in1k = imagenet_synsets()
+    wnids = (in1k[10], in1k[20])
+    for c in ('fog', 'snow'):
+        for s in SEVERITIES:
+            _write_class_folders(tmp_path / c / str(s), wnids)
+    _encode_index(20).save(tmp_path / 'fog' / '5' / wnids[0] / f'{wnids[0]}_0.png')
+    out = evaluate_corruptions(
+        _DecodeIndexModel(), lambda c, s: imagenet_c_dataset(str(tmp_path), c, s, transforms.ToTensor()),
+        corruptions=('fog', 'snow'), reference=None, progress=False)
+    assert out['errors']['fog'] == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.5}
+    assert out['mce'] == pytest.approx(5.0)
+    assert out['cells']['fog'][5]['top1'] == 50.0 and out['cells']['snow'][1]['num_samples'] == 2
 
 
 def test_imagenet_c_transform_crops_without_resizing():

@@ -26,6 +26,7 @@ from .imagenet_c import (
     EXTRA_CORRUPTIONS,
     SEVERITIES,
     corruption_error,
+    evaluate_corruptions,
     imagenet_c_dataset,
     imagenet_c_transform,
     mean_corruption_error,
@@ -36,7 +37,7 @@ __all__ = [
     'ALEXNET_ERRORS', 'ATTACKS', 'CORRUPTIONS', 'CorruptedArrayDataset', 'CorruptionCache', 'EXTRA_CORRUPTIONS',
     'IMAGENET_AR_VARIANTS', 'LogitAccumulator', 'MIN_IMAGE_SIZE', 'PixelSpaceModel', 'SEVERITIES', 'WnidImageFolder',
     'adversarial_accuracy', 'build_corruptions', 'check_class_folders', 'corrupt_image', 'corrupt_images',
-    'corruption_error', 'evaluate_loader', 'evaluate_logits', 'image_seed', 'imagenet_ar_classes',
-    'imagenet_ar_dataset', 'imagenet_c_dataset', 'imagenet_c_transform', 'imagenet_synsets', 'make_attack',
-    'mean_corruption_error', 'predict', 'read_timm_info', 'slice_logits', 'validate_imagenet_c',
+    'corruption_error', 'evaluate_corruptions', 'evaluate_loader', 'evaluate_logits', 'image_seed',
+    'imagenet_ar_classes', 'imagenet_ar_dataset', 'imagenet_c_dataset', 'imagenet_c_transform', 'imagenet_synsets',
+    'make_attack', 'mean_corruption_error', 'predict', 'read_timm_info', 'slice_logits', 'validate_imagenet_c',
 ]

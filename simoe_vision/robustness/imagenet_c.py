@@ -10,13 +10,18 @@ import math
 import os
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+import torch
+from rich.progress import Progress
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from .clean import evaluate_loader
 from .imagenet_ar import WnidImageFolder, imagenet_synsets
 
 __all__ = [
-    'ALEXNET_ERRORS', 'CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'SEVERITIES', 'corruption_error', 'imagenet_c_dataset',
-    'imagenet_c_transform', 'mean_corruption_error', 'validate_imagenet_c',
+    'ALEXNET_ERRORS', 'CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'SEVERITIES', 'corruption_error', 'evaluate_corruptions',
+    'imagenet_c_dataset', 'imagenet_c_transform', 'mean_corruption_error', 'validate_imagenet_c',
 ]
 
 CORRUPTIONS = (
@@ -81,7 +86,7 @@ def _check_error_table(errors: ErrorTable, corruptions: Sequence[str], severitie
 
 def mean_corruption_error(
         errors: ErrorTable,
-        reference: Union[Mapping[str, float], ErrorTable] = ALEXNET_ERRORS,
+        reference: Union[Mapping[str, float], ErrorTable, None] = ALEXNET_ERRORS,
         corruptions: Sequence[str] = CORRUPTIONS,
         severities: Sequence[int] = SEVERITIES,
 ) -> dict:
@@ -90,6 +95,7 @@ def mean_corruption_error(
     ``reference`` is either per-corruption errors already averaged over severities (AlexNet's, the default) or a
     full results table of another model in the same ``[corruption][severity]`` form (e.g. the softmax-router model,
     where no AlexNet numbers exist: Fashion-MNIST-C, extra corruptions). Against itself every CE is 1 and mCE 100.
+    ``reference=None`` gives the unnormalised scores: CE_c = mean error, mCE = 100 * mean error.
 
     Returns ``{'ce': {c: CE_c}, 'mce': 100 * mean CE, 'mean_error': {c: unnormalised CE = mean error over
     severities}, 'mean_corruption_accuracy': 100 * (1 - mean error over all corruptions and severities)}``.
@@ -98,6 +104,8 @@ def mean_corruption_error(
     if not corruptions:
         raise ValueError('mean_corruption_error needs at least one corruption')
     _check_error_table(errors, corruptions, severities, 'model')
+    if reference is None:
+        reference = {c: 1.0 for c in corruptions}
     missing_ref = [c for c in corruptions if c not in reference]
     if missing_ref:
         raise ValueError(f'the reference has no errors for {", ".join(missing_ref)}; pass a reference results table '
@@ -198,3 +206,40 @@ def imagenet_c_dataset(
                                 'to list everything missing')
     class_to_idx = {wnid: i for i, wnid in enumerate(imagenet_synsets())}
     return WnidImageFolder(folder, class_to_idx, transform=transform, allow_missing=True)
+
+
+def evaluate_corruptions(
+        model: nn.Module,
+        make_dataset: Callable[[str, int], Dataset],
+        corruptions: Sequence[str] = CORRUPTIONS,
+        severities: Sequence[int] = SEVERITIES,
+        reference: Union[Mapping[str, float], ErrorTable, None] = ALEXNET_ERRORS,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        device: Union[torch.device, str] = 'cpu',
+        amp_dtype: Optional[torch.dtype] = None,
+        progress: bool = True,
+) -> dict:
+    """Evaluate every (corruption, severity) cell and score the table with ``mean_corruption_error``.
+
+    ``make_dataset(corruption, severity)`` returns the cell's dataset, e.g.
+    ``lambda c, s: imagenet_c_dataset(root, c, s, transform)`` (call ``validate_imagenet_c`` first) or
+    ``lambda c, s: cache.dataset(c, s, targets, transform)`` for generated corruptions (with ``reference=None``
+    or another model's ``errors`` table, as AlexNet numbers only exist for ImageNet).
+    Returns ``mean_corruption_error``'s keys plus ``'cells'`` (``[c][s]`` -> clean-metric dict: top1, top5, nll,
+    ece) and ``'errors'`` (``[c][s]`` -> top-1 error fraction, reusable as another run's ``reference``).
+    """
+    cells: dict = {}
+    errors: dict = {}
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task('corruptions', total=len(corruptions) * len(severities))
+        for c in corruptions:
+            for s in severities:
+                bar.update(task, description=f'{c} s{s}')
+                loader = DataLoader(make_dataset(c, s), batch_size=batch_size, num_workers=num_workers)
+                metrics = evaluate_loader(model, loader, device=device, amp_dtype=amp_dtype)
+                cells.setdefault(c, {})[s] = metrics
+                errors.setdefault(c, {})[s] = 1.0 - metrics['top1'] / 100.0
+                bar.advance(task)
+    summary = mean_corruption_error(errors, reference=reference, corruptions=corruptions, severities=severities)
+    return {**summary, 'cells': cells, 'errors': errors}
