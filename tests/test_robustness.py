@@ -33,6 +33,7 @@ from simoe_vision.robustness import (
     imagenet_c_transform,
     imagenet_synsets,
     mean_corruption_error,
+    prepare_images,
     validate_imagenet_c,
 )
 from simoe_vision.robustness import generated as generated_module
@@ -370,6 +371,17 @@ def test_generated_workers_match_in_process(tmp_path):
     pooled = build_corruptions(images, str(tmp_path), ['gaussian_noise'], [2], chunk_size=2, num_workers=2,
                                progress=False)
     assert np.array_equal(pooled.load('gaussian_noise', 2), corrupt_images(images, 'gaussian_noise', 2))
+
+
+def test_prepare_images_then_corrupt_rgb(tmp_path):
+    in1k = imagenet_synsets()
+    _write_class_folders(tmp_path / 'val', in1k[:2], size=20)
+    from torchvision.datasets import ImageFolder
+    images, targets = prepare_images(ImageFolder(str(tmp_path / 'val')), size=16)
+    # resize 20 -> round(16 * 256 / 224) = 18, then center-crop 16
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and targets.tolist() == [0, 1]
+    out = corrupt_images(images, 'gaussian_noise', 3)
+    assert out.shape == images.shape and not np.array_equal(out, images)
 
 
 def test_generated_input_errors(tmp_path):

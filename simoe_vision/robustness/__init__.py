@@ -9,6 +9,7 @@ from .generated import (
     corrupt_image,
     corrupt_images,
     image_seed,
+    prepare_images,
 )
 from .imagenet_ar import (
     IMAGENET_AR_VARIANTS,
@@ -39,5 +40,6 @@ __all__ = [
     'adversarial_accuracy', 'build_corruptions', 'check_class_folders', 'corrupt_image', 'corrupt_images',
     'corruption_error', 'evaluate_corruptions', 'evaluate_loader', 'evaluate_logits', 'image_seed',
     'imagenet_ar_classes', 'imagenet_ar_dataset', 'imagenet_c_dataset', 'imagenet_c_transform', 'imagenet_synsets',
-    'make_attack', 'mean_corruption_error', 'predict', 'read_timm_info', 'slice_logits', 'validate_imagenet_c',
+    'make_attack', 'mean_corruption_error', 'predict', 'prepare_images', 'read_timm_info', 'slice_logits',
+    'validate_imagenet_c',
 ]

@@ -39,7 +39,7 @@ from .imagenet_c import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
 __all__ = [
     'CorruptedArrayDataset', 'CorruptionCache', 'MIN_IMAGE_SIZE', 'build_corruptions', 'corrupt_image',
-    'corrupt_images', 'image_seed',
+    'corrupt_images', 'image_seed', 'prepare_images',
 ]
 
 MIN_IMAGE_SIZE = 16
@@ -109,6 +109,28 @@ def corrupt_images(
     finally:
         np.random.set_state(state)
     return out
+
+
+def prepare_images(
+        dataset: Dataset,
+        size: int = 224,
+        limit: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack a dataset of (PIL image, target) into uint8 (N, size, size, 3) + int64 targets, with ImageNet-C's
+    preprocessing (resize the shorter side to ``size * 256 / 224``, center-crop ``size``), ready to corrupt.
+
+    E.g. ``prepare_images(ImageFolder('imagenet/val'), limit=5000)`` for an ImageNet-val subset (take the subset
+    with ``torch.utils.data.Subset`` to choose which images).
+    """
+    from torchvision import transforms
+    tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)])
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    images = np.empty((n, size, size, 3), np.uint8)
+    targets = np.empty(n, np.int64)
+    for i in range(n):
+        image, targets[i] = dataset[i]
+        images[i] = np.asarray(tf(image.convert('RGB')))
+    return images, targets
 
 
 def _sha256_file(path: str) -> str:
@@ -251,6 +273,8 @@ def build_corruptions(
     ``images``: uint8 (N, H, W) grayscale or (N, H, W, 1|3), at least 16 px. Cells already on disk with a matching
     recipe, source hash and file hash are reused; everything else is (re)computed, with a rich progress bar, in
     ``num_workers`` processes (0: in this process). Results do not depend on ``chunk_size`` or ``num_workers``.
+    Concurrent builders of one cache (e.g. every torchrun rank) stay correct but duplicate the work: build on one
+    rank, then barrier.
     """
     _check_images(images)
     for c in corruptions:
@@ -286,7 +310,8 @@ def build_corruptions(
                 bar.update(task, description=f'{c} s{s}')
                 path = cache.path(c, s)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = path + '.partial.npy'
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.partial.npy')  # unique per process
+                os.close(fd)
                 out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=images.shape)
                 spans = list(_chunks(len(images), chunk_size))
                 if executor is None:
