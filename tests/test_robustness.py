@@ -392,7 +392,7 @@ def test_generated_input_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown corruption 'rain'"):
         build_corruptions(_gray_images(), str(tmp_path), ['rain'], progress=False)
     cache = build_corruptions(_gray_images(), str(tmp_path), ['contrast'], [1], progress=False)
-    with pytest.raises(KeyError, match='fog/1 is not in the cache'):
+    with pytest.raises(KeyError, match='fog/1 was not built or verified'):
         cache.load('fog', 1)
 
 

@@ -197,7 +197,8 @@ class CorruptionCache:
 
     @property
     def cells(self) -> list[str]:
-        return sorted(self.manifest['entries'])
+        """The cells this handle serves: the ones built or verified by the call that returned it."""
+        return sorted(self.built + self.reused)
 
     def path(self, corruption: str, severity: int) -> str:
         return os.path.join(self.cache_dir, corruption, f'{severity}.npy')
@@ -205,8 +206,9 @@ class CorruptionCache:
     def load(self, corruption: str, severity: int, mmap: bool = True) -> np.ndarray:
         """The corrupted images of one cell (memory-mapped read-only by default)."""
         key = f'{corruption}/{severity}'
-        if key not in self.manifest['entries']:
-            raise KeyError(f'cell {key} is not in the cache at {self.cache_dir!r}; built cells: {self.cells}')
+        if key not in self.cells:
+            raise KeyError(f'cell {key} was not built or verified by this build_corruptions call '
+                           f'({self.cache_dir!r}); cells: {self.cells}')
         return np.load(self.path(corruption, severity), mmap_mode='r' if mmap else None)
 
     def dataset(
@@ -256,6 +258,32 @@ def _cell_is_valid(path: str, expected_sha: Optional[str], shape: tuple) -> bool
 def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, chunk_size):
         yield start, min(start + chunk_size, n)
+
+
+def _fill_cell(
+        path: str,
+        images: np.ndarray,
+        corruption: str,
+        severity: int,
+        seed: int,
+        chunk_size: int,
+        executor: Optional[ProcessPoolExecutor],
+        advance: Callable[[int], None],
+) -> None:
+    """Write one cell's corrupted images to a new ``.npy`` at ``path``, chunk by chunk."""
+    out = np.lib.format.open_memmap(path, mode='w+', dtype=np.uint8, shape=images.shape)
+    spans = list(_chunks(len(images), chunk_size))
+    if executor is None:
+        results = (corrupt_images(images[a:b], corruption, severity, seed, a) for a, b in spans)
+    else:
+        n = len(spans)
+        results = executor.map(corrupt_images, [images[a:b] for a, b in spans], [corruption] * n, [severity] * n,
+                               [seed] * n, [a for a, _ in spans])
+    for (a, b), chunk in zip(spans, results, strict=True):
+        out[a:b] = chunk
+        advance(b - a)
+    out.flush()
+    del out
 
 
 def build_corruptions(
@@ -312,18 +340,11 @@ def build_corruptions(
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.partial.npy')  # unique per process
                 os.close(fd)
-                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=images.shape)
-                spans = list(_chunks(len(images), chunk_size))
-                if executor is None:
-                    results = (corrupt_images(images[a:b], c, s, seed, a) for a, b in spans)
-                else:
-                    results = executor.map(corrupt_images, [images[a:b] for a, b in spans], [c] * len(spans),
-                                           [s] * len(spans), [seed] * len(spans), [a for a, _ in spans])
-                for (a, b), chunk in zip(spans, results, strict=True):
-                    out[a:b] = chunk
-                    bar.advance(task, b - a)
-                out.flush()
-                del out
+                try:
+                    _fill_cell(tmp, images, c, s, seed, chunk_size, executor, lambda n: bar.advance(task, n))
+                except BaseException:
+                    os.remove(tmp)
+                    raise
                 os.replace(tmp, path)
                 manifest['entries'][f'{c}/{s}'] = _sha256_file(path)
                 _atomic_write_json(manifest_path, manifest)
