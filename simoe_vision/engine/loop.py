@@ -69,17 +69,29 @@ def train_one_epoch(
         for step, (images, targets, skipped) in enumerate(display.track(loader, steps, f'train {epoch + 1}')):
             global_step = epoch * steps + step
             scheduler.step_update(global_step)
-            images = images.to(env.device, non_blocking=True)
-            targets = targets.to(env.device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            with autocast(env.device, amp):
-                loss = forward_loss(model, criterion, images, targets)
-            flags = torch.tensor([float(not torch.isfinite(loss).item()), float(stop_requested())])
+            sums[3] += skipped
+            empty = images.shape[0] == 0  # every image of the batch was unreadable
+            loss = None
+            if not empty:
+                images = images.to(env.device, non_blocking=True)
+                targets = targets.to(env.device, non_blocking=True)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                with autocast(env.device, amp):
+                    loss = forward_loss(model, criterion, images, targets)
+            # one reduction per step keeps the processes in lockstep: [empty batch, non-finite loss, stop requested]
+            flags = torch.tensor([float(empty), float(loss is not None and not torch.isfinite(loss).item()),
+                                  float(stop_requested())])
             flags = all_reduce_sum(flags, env)
-            if flags[0] > 0:
-                raise NonFiniteLossError(f'non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} '
+            if flags[1] > 0:
+                value = loss.item() if loss is not None else 'on another process'
+                raise NonFiniteLossError(f'non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1} '
                                          f'(global step {global_step + 1}); lower --lr or enable --clip-grad')
+            if flags[0] > 0:  # skip the step on every process
+                if flags[2] > 0:
+                    interrupted = True
+                    break
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad is not None:
@@ -89,10 +101,10 @@ def train_one_epoch(
                 ema.update(core, step=global_step)
             n = images.shape[0]
             aux = core.aux_loss()
-            sums += torch.tensor([loss.item() * n, (aux.item() if aux is not None else 0.0) * n, n, skipped],
-                                 dtype=torch.float64)
+            sums[:3] += torch.tensor([loss.item() * n, (aux.item() if aux is not None else 0.0) * n, n],
+                                     dtype=torch.float64)
             display.postfix(f'loss {loss.item():.4f} lr {optimizer.param_groups[0]["lr"]:.2e}')
-            if flags[1] > 0:
+            if flags[2] > 0:
                 interrupted = True
                 break
     sums = all_reduce_sum(sums, env)
@@ -110,6 +122,9 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, display: Displa
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # correct1, correct5, loss * n, n, skipped
     for images, targets, skipped in display.track(loader, len(loader), description):
+        sums[4] += skipped
+        if images.shape[0] == 0:
+            continue
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         with autocast(env.device, amp):
@@ -119,8 +134,8 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, display: Displa
         topk = logits.topk(k, dim=-1).indices
         hits = topk == targets[:, None]
         loss = nn.functional.cross_entropy(logits, targets, reduction='sum')
-        sums += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), loss.item(),
-                              images.shape[0], skipped], dtype=torch.float64)
+        sums[:4] += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), loss.item(),
+                                  images.shape[0]], dtype=torch.float64)
     if reduce:
         sums = all_reduce_sum(sums, env)
     n = max(sums[3].item(), 1.0)
@@ -134,6 +149,8 @@ def record_probe(model: nn.Module, loader: DataLoader, device: torch.device, amp
     model.eval()
     with RoutingRecorder(model) as recorder:
         for images, _, _ in loader:
+            if images.shape[0] == 0:
+                continue
             with autocast(device, amp):
                 model(images.to(device, non_blocking=True))
     return recorder.top1()

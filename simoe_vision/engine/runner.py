@@ -242,6 +242,9 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
             if is_best:  # the evaluated weights (the EMA's when on) with the training state beside them
                 save_checkpoint(run_dir, 'best', eval_model, state)
             display.epoch_table(row, config['epochs'])
+            if row['skipped_images']:
+                display.print(f'[yellow]warning:[/yellow] skipped {row["skipped_images"]} unreadable image(s) in '
+                              f'epoch {epoch + 1} (--strict-data makes them fatal)')
         if stop():
             display.print(f'stopped by signal {stop.signum} after epoch {epoch + 1}; last.pt saved; '
                           f'resume with --resume {run_dir}')
