@@ -38,7 +38,10 @@ def _bool(value: Any) -> bool:
 def _int(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f'expected an integer, got {value!r}')
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f'expected an integer, got {value!r}') from None
 
 
 def _float(value: Any) -> float:

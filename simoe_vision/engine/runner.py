@@ -39,6 +39,7 @@ __all__ = ['StopSignal', 'epoch_row', 'fluctuation_report', 'main', 'run']
 
 EXIT_ERROR = 1  # training failed (non-finite loss)
 EXIT_USAGE = 2  # bad config or data: nothing was trained
+INVOCATION_KEYS = ('resume', 'stop_after')  # settings of one invocation that a resumed run does not inherit
 
 
 class StopSignal:
@@ -89,7 +90,8 @@ def epoch_row(epoch: int, train: Dict[str, Any], val: Dict[str, float], fluctuat
     layers = list(routing)
     row: Dict[str, Any] = {
         'epoch': epoch, 'train_loss': train['train_loss'], 'aux_loss': train['aux_loss'],
-        'val_top1': val['top1'], 'val_top5': val['top5'], 'val_loss': val['loss'], 'lr': train['lr'],
+        'val_top1': val['top1'], 'val_top5': val['top5'], 'val_loss': val['loss'], 'val_images': val['images'],
+        'lr': train['lr'],
         'load_cv': float(np.mean([routing[n]['load_cv'] for n in layers])) if layers else None,
         'dropped': float(np.mean([routing[n]['dropped_fraction'] for n in layers])) if layers else None,
         'entropy': float(np.mean([routing[n]['entropy'] for n in layers])) if layers else None,
@@ -288,15 +290,18 @@ def _resumed_base(argv: Sequence[str]) -> Optional[Dict[str, Any]]:
     saved = pt.parent / 'config.yaml'
     if not saved.is_file():
         raise CheckpointError(f'{saved} is missing: --resume needs the run folder written by train.py')
-    base = yaml.safe_load(saved.read_text())
+    base = {k: v for k, v in yaml.safe_load(saved.read_text()).items() if k not in INVOCATION_KEYS}
     base.update(output=str(pt.parent.parent), experiment=pt.parent.name)
     return base
 
 
 def _one_line(error: BaseException) -> str:
-    """The actionable line of an error (a DataLoader worker's error carries its traceback: keep the last line)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    """An error as one line: a DataLoader worker's error carries the worker's traceback (keep its last line, the
+    original message); other multi-line messages are joined."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith('Traceback') for line in lines):
+        return lines[-1]
+    return ' '.join(lines) or type(error).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
