@@ -98,6 +98,17 @@ def test_outputs_and_exact_resume(fashion, tmp_path):
     torch.load(full / 'best.pt', weights_only=True)
 
 
+def test_ema_mixup_bf16_and_bad_val_size(fashion, tmp_path, capsys):
+    out = tmp_path / 'runs'
+    args = TINY + ['--data-dir', fashion, '--epochs', 1, '--output', out, '--train-subset', 32]
+    assert run(args + ['--experiment', 'opts', '--model-ema', '--model-ema-decay', 0.9, '--mixup', 0.8,
+                       '--cutmix', 1.0, '--amp', 'bf16', '--router', 'similarity']) == 0
+    state = torch.load(out / 'opts' / 'last.pt', weights_only=True)
+    assert set(state['ema']) == set(load_file(out / 'opts' / 'last.safetensors'))
+    code, captured = run(args + ['--val-size', 500], capsys)
+    assert code == 2 and 'val_size must leave both parts non-empty' in captured.err
+
+
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / 'file.bin'
     target.write_bytes(b'good')

@@ -162,9 +162,15 @@ def _build_model(config: Dict[str, Any], num_classes: int, in_chans: int) -> nn.
 
 
 def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal) -> Dict[str, Any]:
-    """Train per ``config``; returns the results (also written to ``results.json``) or the stop state."""
+    """Train per a resolved ``config`` whose 'experiment' names the run folder (``main`` sets it); returns the
+    results (also written to ``results.json``) or ``{'stopped': signal or None, 'epoch': n}``."""
     torch.manual_seed(config['seed'])
-    data = build_run_data(config, env)
+    try:
+        data = build_run_data(config, env)
+    except (ConfigError, IdxFormatError):
+        raise
+    except ValueError as e:  # e.g. a val_size larger than the training set
+        raise ConfigError(f'cannot build the data from the config: {e}') from None
     in_chans = data.data_config['input_size'][0]
     model = _build_model(config, data.num_classes, in_chans).to(env.device)
     core = model
