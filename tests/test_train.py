@@ -251,3 +251,17 @@ def test_torchrun_two_processes_gloo(fashion, tmp_path):
     assert row['train_images'] == 64 and row['val_images'] == 16
     results = json.loads((run_dir / 'results.json').read_text())
     assert results['test_images'] == 16 and results['best_val_top1'] == pytest.approx(row['val_top1'])
+
+
+def test_fluctuation_report_by_hand():
+    from simoe_vision.engine import fluctuation_report
+    from simoe_vision.metrics import FluctuationTracker
+    tracker = FluctuationTracker()
+    # one image, 4 tokens. epoch 1: 0 0 0 0; epoch 2: 0 1 0 0 (1 of 4 changed); epoch 3: 0 1 2 0 (1 of 4 changed)
+    for epoch, top1 in ((1, [0, 0, 0, 0]), (2, [0, 1, 0, 0]), (3, [0, 1, 2, 0])):
+        tracker.update(epoch, {'layer': torch.tensor([top1])})
+    report = fluctuation_report(tracker)
+    assert report['curves']['mean'] == [0.25, 0.25] and report['curve_epochs'] == [2, 3]
+    # last change: token 0 and 3 never (epoch 1), token 1 at epoch 2, token 2 at epoch 3 -> counts 2, 1, 1
+    dist = report['last_fluctuation_epoch']
+    assert dist['count'] == [2, 1, 1] and dist['cdf'] == [0.5, 0.75, 1.0] and dist['tokens'] == 4
