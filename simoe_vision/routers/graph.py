@@ -94,12 +94,26 @@ class TokenGraph:
         if self.probs is not None or not fused:
             out = torch.bmm(self.dense(), v)
         else:
-            heads = self.q.shape[1]
-            bias = None if self.bias is None else self.bias.float()
-            out = F.scaled_dot_product_attention(
-                self.q.float(), self.k.float(), v.unsqueeze(1).expand(-1, heads, -1, -1),
-                attn_mask=bias, scale=self.scale).mean(dim=1)
+            out = self._fused_propagate(v)
         return self.layout.from_groups(out)
+
+    def _fused_propagate(self, v: Tensor) -> Tensor:
+        """``mean_h softmax(q_h k_h^T scale + bias) v`` with scaled_dot_product_attention, never forming N x N.
+
+        The flash kernels (CPU and CUDA) need one head dim for q, k and v, else SDPA falls back to its math path,
+        which materialises the N x N probabilities (measured on CPU: ~3x B N^2 floats at N = 3137). So q/k and v are
+        zero-padded to a common width: zero columns change neither ``q k^T`` nor the first E output columns.
+        """
+        q, k = self.q.float(), self.k.float()
+        values = v.shape[-1]
+        width = max(q.shape[-1], values)
+        pad = (0, width - q.shape[-1])
+        q, k = (F.pad(q, pad), F.pad(k, pad)) if self.k is not self.q else (F.pad(q, pad),) * 2
+        v = F.pad(v, (0, width - values))
+        bias = None if self.bias is None else self.bias.float()
+        out = F.scaled_dot_product_attention(
+            q, k, v.unsqueeze(1).expand(-1, q.shape[1], -1, -1), attn_mask=bias, scale=self.scale)
+        return out[..., :values].mean(dim=1)
 
 
 def similarity_graph(
