@@ -1,0 +1,6 @@
+"""simoe_vision models, registered with timm on import: V-MoE (``vmoe_*``) and Swin-MoE (``swin_moe_*``)."""
+from ._moe import MoeConfig, MoeModelMixin, count_params, moe_layers, parse_moe_layout, upcycle_state_dict
+from .vmoe import MoeBlock, VisionMoE
+
+__all__ = ['MoeConfig', 'MoeModelMixin', 'count_params', 'moe_layers', 'parse_moe_layout', 'upcycle_state_dict',
+           'MoeBlock', 'VisionMoE']

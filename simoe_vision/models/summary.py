@@ -1,0 +1,51 @@
+"""Markdown table of the registered simoe_vision models: total params, active params per token, GMACs.
+
+Run ``python -m simoe_vision.models.summary`` (the README's table comes from it). GMACs are counted by
+``torch.utils.flop_counter`` on one image at the model's default input size, in eval mode with capacity factor 1.0
+(each expert's buffer holds ``k N / E`` tokens: the nominal sparse compute, router and graph propagation included).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import count_params
+
+__all__ = ['model_rows', 'main']
+
+
+def model_rows(names: List[str], router: str = 'softmax') -> List[Dict[str, object]]:
+    rows = []
+    for name in names:
+        model = timm.create_model(name, router=router, eval_capacity_factor=1.0).eval()
+        total, active = count_params(model)
+        x = torch.randn(1, *model.pretrained_cfg['input_size'])
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x)
+        rows.append({'model': name, 'input': 'x'.join(str(s) for s in x.shape[1:]), 'params_m': total / 1e6,
+                     'active_params_m': active / 1e6, 'gmacs': counter.get_total_flops() / 2e9,
+                     'moe_layers': len(model.moe_layers()), 'experts': model.moe_config.num_experts,
+                     'top_k': model.moe_config.top_k})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--filter', nargs='*', default=['vmoe_*', 'swin_moe_*'], help='timm name patterns')
+    parser.add_argument('--router', default='softmax', help='router for the GMAC count (graph routers add a little)')
+    args = parser.parse_args()
+    rows = model_rows(timm.list_models(args.filter), args.router)
+    print('| model | input | MoE layers | experts (top-k) | params (M) | active params / token (M) | GMACs |')
+    print('|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| `{r['model']}` | {r['input']} | {r['moe_layers']} | {r['experts']} ({r['top_k']}) | "
+              f"{r['params_m']:.2f} | {r['active_params_m']:.2f} | {r['gmacs']:.4g} |")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,89 @@
+"""Routing metrics against hand-made top-1 index tensors, and the hook recorder on a real model."""
+import math
+
+import pytest
+import timm
+import torch
+
+import simoe_vision  # noqa: F401
+from simoe_vision.metrics import (
+    FluctuationTracker,
+    RoutingRecorder,
+    changed_share,
+    fluctuation_curve,
+    last_fluctuation_epoch,
+    load_cv,
+    routing_agreement,
+    routing_entropy,
+    window_mean,
+)
+
+# 4 probe tokens over 4 epochs. Changes: epoch 0->1 tokens 1, 3 (2/4); 1->2 token 3 (1/4); 2->3 none (0/4).
+HISTORY = torch.tensor([[0, 1, 2, 3],
+                        [0, 2, 2, 1],
+                        [0, 2, 2, 0],
+                        [0, 2, 2, 0]])
+
+
+def test_fluctuation_curve_hand_made():
+    assert fluctuation_curve(HISTORY).tolist() == [0.5, 0.25, 0.0]
+    assert changed_share(HISTORY[0], HISTORY[1]) == 0.5
+
+
+def test_last_fluctuation_epoch_hand_made():
+    # token 0 never changed -> 0; token 1 last changed at step 1; token 2 never; token 3 last at step 2.
+    assert last_fluctuation_epoch(HISTORY).tolist() == [0, 1, 0, 2]
+
+
+def test_agreement_is_one_on_identical_routing():
+    assert routing_agreement(HISTORY[2], HISTORY[3]) == 1.0
+    assert routing_agreement(HISTORY[0], HISTORY[1]) == 0.5
+
+
+def test_window_mean():
+    # epochs 2..5 of 10 -> fractions .2 .3 .4 .5; window [.3, .5] keeps 2nd..4th values: (2 + 3 + 4) / 3 = 3.
+    assert window_mean([1, 2, 3, 4], [2, 3, 4, 5], 10, 0.3, 0.5) == 3.0
+    assert math.isnan(window_mean([1], [1], 10, 0.5, 0.9))
+
+
+def test_load_cv_and_entropy():
+    assert load_cv(torch.tensor([0.25, 0.25, 0.25, 0.25])) == 0.0
+    # loads [.5, .5, 0, 0]: mean .25, population std .25 -> CV 1.
+    assert load_cv(torch.tensor([0.5, 0.5, 0.0, 0.0])) == pytest.approx(1.0)
+    # uniform over 4 experts: entropy ln 4; one-hot: 0.
+    assert routing_entropy(torch.tensor([[0.25] * 4, [1.0, 0, 0, 0]])) == pytest.approx(math.log(4) / 2)
+
+
+def test_tracker_curves_and_state_round_trip():
+    tracker = FluctuationTracker()
+    assert tracker.update(1, {'a': HISTORY[0].view(2, 2), 'b': HISTORY[0].view(2, 2)}) == {}
+    latest = tracker.update(2, {'a': HISTORY[1].view(2, 2), 'b': HISTORY[0].view(2, 2)})
+    assert latest == {'a': 0.5, 'b': 0.0, 'mean': 0.25}
+    tracker.update(3, {'a': HISTORY[2].view(2, 2), 'b': HISTORY[0].view(2, 2)})
+    assert tracker.curves() == {'a': [0.5, 0.25], 'b': [0.0, 0.0], 'mean': [0.25, 0.125]}
+    # layer a: tokens last changed at epochs [1 (never), 2, 1 (never), 3]; layer b never -> epoch 1.
+    assert tracker.last_fluctuation_epochs().tolist() == [1, 2, 1, 3, 1, 1, 1, 1]
+    restored = FluctuationTracker()
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.curves() == tracker.curves() and restored.epochs == [1, 2, 3]
+    with pytest.raises(ValueError, match='MoE layers changed between epochs'):
+        tracker.update(4, {'a': HISTORY[0].view(2, 2)})
+
+
+def test_recorder_collects_with_hooks_and_removes_them():
+    model = timm.create_model('vmoe_test', router='similarity', num_classes=3).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with RoutingRecorder(model) as rec:
+        model(x[:2])
+        model(x[2:])
+    top1 = rec.top1()
+    assert list(top1) == ['blocks.1.mlp'] and top1['blocks.1.mlp'].shape == (5, 17)
+    with torch.no_grad():
+        model(x)
+    torch.testing.assert_close(top1['blocks.1.mlp'].long().flatten(), model.blocks[1].mlp.last_routing.indices[:, 0])
+    summary = rec.summary()['blocks.1.mlp']
+    assert sum(summary['load']) == pytest.approx(1.0) and summary['load_cv'] >= 0
+    assert 0 <= summary['dropped_fraction'] <= 1 and summary['entropy'] > 0
+    assert all(not layer._forward_hooks for layer in rec.layers.values())
+    with pytest.raises(ValueError, match='has no MoE layers'):
+        RoutingRecorder(torch.nn.Linear(2, 2))
