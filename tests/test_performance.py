@@ -2,6 +2,7 @@
 dispatch == batched experts, bf16 autocast, torch.compile, and a reduced in-process benchmark run."""
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,7 @@ def test_torch_compile_tiny_moe_matches_eager():
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location('simoe_benchmark', ROOT / 'benchmark.py')
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
