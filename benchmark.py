@@ -6,9 +6,10 @@ In the spirit of timm's benchmark.py. Suites:
 * ``model``: train step (forward + cross-entropy + backward + SGD step) and inference (eval, no grad) for the dense
   twin and the MoE model with every router: step time, img/s, parameters (total, active per token), FLOPs.
 * ``router``: router forward + backward over N tokens x E experts (the routing overhead alone).
-* ``memory``: peak memory of one train step at N = 3137 tokens (similarity vs softmax routing), each case in a fresh
-  subprocess (peak RSS above the RSS before the step, i.e. ``ru_maxrss`` minus current RSS; CPU has no allocator
-  peak counter).
+* ``memory``: peak memory of one train step at N = 3137 tokens (similarity vs softmax routing) for the router alone,
+  one MoE layer and the whole nano V-MoE at 224 px, each case in a fresh subprocess after a warm-up step: peak RSS
+  during the step (VmHWM, reset through /proc/self/clear_refs) minus the RSS before it. CPU has no allocator peak
+  counter; RSS includes allocator caching, so small differences are noise.
 
 Variants of a suite run interleaved (round r runs every variant once) and the median over rounds is reported, so the
 ratios come from one run under the same machine load. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
@@ -27,7 +28,6 @@ import csv
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -266,15 +266,25 @@ def memory_probe(spec: Dict[str, Any]) -> Dict[str, Any]:
             loss.backward()
 
     step()
-    before_kib = int(Path('/proc/self/statm').read_text().split()[1]) * resource.getpagesize() // 1024
+    before_kib = _proc_status_kib('VmRSS')
+    # Reset the peak-RSS mark (VmHWM) to the current RSS. ru_maxrss cannot be used: Linux carries it over from the
+    # parent across fork + exec, so a child of a big benchmark process would report the parent's peak.
+    Path('/proc/self/clear_refs').write_text('5')
     step()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(spec, peak_mib=(peak_kib - before_kib) / 1024)
+    return dict(spec, peak_mib=(_proc_status_kib('VmHWM') - before_kib) / 1024)
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(f'{field}:'):
+            return int(line.split()[1])
+    raise RuntimeError(f'/proc/self/status has no {field} line')
 
 
 def run_memory_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    if not Path('/proc/self/statm').exists():
-        raise RuntimeError('the memory suite reads /proc/self/statm (Linux); run with --suites model,router elsewhere')
+    if not Path('/proc/self/clear_refs').exists():
+        raise RuntimeError('the memory suite needs Linux /proc/self/{status,clear_refs}; '
+                           'run with --suites model,router elsewhere')
     cases = [('softmax', True), ('similarity', True), ('similarity', False)]
     rows = []
     for level, dim, batch in (('router', 192, args.memory_batch), ('layer', 192, args.memory_batch),
@@ -289,7 +299,7 @@ def run_memory_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             variant = router if router == 'softmax' else f'{router}_{"fused" if fused else "explicit"}'
             rows.append(dict(suite=f'memory_{level}', variant=variant, tokens=spec['tokens'], batch=batch,
-                             dim=dim if level != 'model' else 96, peak_mib=result['peak_mib']))
+                             dim=dim, peak_mib=result['peak_mib']))
         base = next(r['peak_mib'] for r in rows if r['suite'] == f'memory_{level}' and r['variant'] == 'softmax')
         for r in rows:
             if r['suite'] == f'memory_{level}':
