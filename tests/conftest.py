@@ -10,3 +10,9 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    # Tiny test models run faster on one thread; two threads fight over the 2 cores (and with each other).
+    torch.set_num_threads(1)

@@ -38,7 +38,7 @@ def test_forward_backward(name, router):
         used = layer.last_routing.indices.unique()
         assert (layer.experts.fc1_weight.grad[used].flatten(1).abs().sum(1) > 0).all()
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
-    assert model.head.weight.grad.abs().sum() > 0
+    assert model.get_classifier().weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize('name, router', CASES)

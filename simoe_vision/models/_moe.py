@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,15 @@ class MoeModelMixin:
 
     def moe_layers(self) -> List[Tuple[str, MoeMlp]]:
         return moe_layers(self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The base model's set plus the expert biases: they are (E, 1, hidden), so timm's optimizer factory, which
+        exempts 1-D parameters and ``*.bias``, would otherwise decay them."""
+        names = set(super().no_weight_decay())
+        for name, mlp in moe_layers(self):
+            names |= {f'{name}.experts.{b}' for b in ('fc1_bias', 'fc2_bias') if getattr(mlp.experts, b) is not None}
+        return names
 
     def aux_loss(self) -> Optional[Tensor]:
         """Sum of the MoE layers' aux losses from the last forward (for logging; it already reaches the gradient

@@ -22,11 +22,14 @@ class TokenLayout:
     """How the tokens the MLP sees, (B, N, C), map onto the groups a graph is defined over, (B', N', C).
 
     Swin's (shifted) windows are the main use: ``partition`` rolls and splits the map into windows, ``merge`` undoes it.
-    The identity layout (both ``None``) means one graph per image over all its tokens.
+    The identity layout (both ``None``) means one graph per image over all its tokens. ``mask`` (additive,
+    broadcastable to (B', 1, N', N')) removes edges inside a group, e.g. Swin's shift mask between wrapped-around
+    regions; graphs built from the tokens (similarity) apply it.
     """
 
     partition: Callable[[Tensor], Tensor] | None = None
     merge: Callable[[Tensor], Tensor] | None = None
+    mask: Tensor | None = None
 
     def to_groups(self, x: Tensor) -> Tensor:
         return x if self.partition is None else self.partition(x)
@@ -122,7 +125,8 @@ def similarity_graph(
         kind: str = 'cosine',
         layout: TokenLayout = TokenLayout(),
 ) -> TokenGraph:
-    """Implicit similarity graph ``S = row_softmax(sim(x_i, x_j) / tau)`` (self-loop included) over tokens x (B, N, d).
+    """Implicit similarity graph ``S = row_softmax(sim(x_i, x_j) / tau)`` (self-loop included) over tokens x (B, N, d),
+    within the groups of ``layout`` and without the edges its ``mask`` removes.
 
     ``kind='cosine'`` uses cosine similarity; ``kind='dot'`` the scaled dot product ``x_i . x_j / sqrt(d)``.
     """
@@ -137,5 +141,5 @@ def similarity_graph(
     g = g.unsqueeze(1)
     if isinstance(tau, Tensor):
         # A learnable temperature cannot be a python float scale: fold it into q so it gets a gradient.
-        return TokenGraph(q=g * (scale / tau), k=g, scale=1.0, layout=layout)
-    return TokenGraph(q=g, k=g, scale=scale / tau, layout=layout)
+        return TokenGraph(q=g * (scale / tau), k=g, scale=1.0, bias=layout.mask, layout=layout)
+    return TokenGraph(q=g, k=g, scale=scale / tau, bias=layout.mask, layout=layout)
