@@ -20,6 +20,10 @@ tokens actually kept (the sorted dispatch never computes empty capacity slots).
     python benchmark.py --quick                       # < 60 s smoke run, prints the ratio table
     python benchmark.py --output results/bench         # the full run (ViT-Ti/16 size, 197 tokens, batch 32)
     python benchmark.py --model vmoe_small_patch16_224 --suites model --threads 1
+    python benchmark.py --suites model --swin-model swin_moe_tiny_patch4_window7_224 --batch-size 8
+
+On a machine shared with other jobs, pass ``--threads 1``: with more OpenMP threads than free cores every op waits
+for its slowest thread (measured here: 2 threads under load 6 ran a train step 5-10x slower than 1 thread).
 """
 from __future__ import annotations
 
@@ -422,7 +426,7 @@ def write_outputs(rows: List[Dict[str, Any]], out_dir: Path, header: str) -> Non
 PRESETS: Dict[str, Dict[str, Any]] = {
     # < 60 s: 65-token nano model, two rounds, routers at small N only, no memory subprocesses
     'quick': dict(model='vmoe_nano_patch4_32', img_size=32, batch_size=32, rounds=2, warmup=1,
-                  router_tokens=[65, 197], router_experts=[8], router_iters=3, suites=['model', 'router']),
+                  router_tokens=[65, 197], router_experts=[8], router_iters=2, suites=['model', 'router']),
     # a few seconds, for the test suite
     'smoke': dict(model='vmoe_test', img_size=32, batch_size=4, rounds=1, warmup=1, router_tokens=[17],
                   router_experts=[4], router_dim=32, router_heads=2, router_token_budget=64, router_iters=1,

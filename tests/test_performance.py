@@ -10,9 +10,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from simoe_vision.layers import Experts, MoeMlp
-from simoe_vision.routers import TokenGraph, similarity_graph
+from simoe_vision.routers import TokenGraph, graph, similarity_graph
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def always_flash(monkeypatch):
+    """Make fused propagation use the flash kernel even for the small graphs of these tests."""
+    monkeypatch.setattr(graph, 'DENSE_GRAPH_MAX_ENTRIES', 0)
 
 
 def _propagate_both(make_graph, values: torch.Tensor, leaves: list[torch.Tensor]):
@@ -37,7 +43,7 @@ def _assert_grads_close(fused: list[torch.Tensor], explicit: list[torch.Tensor])
 @pytest.mark.parametrize('kind', ['cosine', 'dot'])
 @pytest.mark.parametrize('dim, num_experts', [(24, 8), (8, 32)])  # E < d pads v; E > d pads q/k
 @pytest.mark.parametrize('learnable_tau', [False, True])
-def test_fused_similarity_equals_explicit(kind, dim, num_experts, learnable_tau):
+def test_fused_similarity_equals_explicit(always_flash, kind, dim, num_experts, learnable_tau):
     x = torch.randn(3, 50, dim, requires_grad=True)
     gates = torch.randn(3, 50, num_experts).softmax(-1).requires_grad_()
     tau = torch.tensor(0.1, requires_grad=True) if learnable_tau else 0.1
@@ -49,7 +55,7 @@ def test_fused_similarity_equals_explicit(kind, dim, num_experts, learnable_tau)
 
 
 @pytest.mark.parametrize('mask', ['bias', 'bias+shift_mask', 'bool_like_-inf'])
-def test_fused_attention_graph_with_bias_equals_explicit(mask):
+def test_fused_attention_graph_with_bias_equals_explicit(always_flash, mask):
     # Swin-style: 4 windows of 16 tokens, 3 heads, a per-head relative-position bias and a shift mask that blocks
     # attention between regions (Swin uses -100; -inf must work too, as long as no row is fully masked).
     windows, heads, n, dh = 4, 3, 16, 8
@@ -84,7 +90,7 @@ def _sdpa_kernels(fn) -> set[str]:
 
 
 @pytest.mark.parametrize('dim, num_experts', [(24, 8), (8, 32)])
-def test_fused_propagation_runs_the_flash_kernel_forward_and_backward(dim, num_experts):
+def test_fused_propagation_runs_the_flash_kernel_forward_and_backward(always_flash, dim, num_experts):
     # The math fallback would materialise the N x N graph; the flash kernel keeps memory O(N). Without padding to a
     # common head dim, SDPA silently takes the math path.
     x = torch.randn(2, 40, dim, requires_grad=True)
@@ -93,6 +99,15 @@ def test_fused_propagation_runs_the_flash_kernel_forward_and_backward(dim, num_e
     assert any('flash_attention' in name and 'backward' not in name for name in kernels), kernels
     assert any('flash_attention' in name and 'backward' in name for name in kernels), kernels
     assert not any('math' in name for name in kernels), kernels
+
+
+def test_small_graphs_propagate_explicitly_large_ones_fused(monkeypatch):
+    # 2 graphs x 1 head x 40^2 nodes = 3200 entries: at the limit -> explicit matmul, one below -> flash kernel.
+    monkeypatch.setattr(graph, 'DENSE_GRAPH_MAX_ENTRIES', 3200)
+    x, gates = torch.randn(2, 40, 8), torch.randn(2, 40, 4).softmax(-1)
+    assert _sdpa_kernels(lambda: similarity_graph(x, 0.1).propagate(gates)) == set()
+    monkeypatch.setattr(graph, 'DENSE_GRAPH_MAX_ENTRIES', 3199)
+    assert any('flash' in k for k in _sdpa_kernels(lambda: similarity_graph(x, 0.1).propagate(gates)))
 
 
 def test_experts_forward_grouped_equals_batched():
