@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ['expert_capacity', 'assign_slots']
@@ -35,8 +34,10 @@ def assign_slots(
     if priority is not None:
         order = priority.argsort(dim=1, descending=True, stable=True).unsqueeze(-1).expand(-1, -1, k)
         indices = indices.gather(1, order)
-    one_hot = F.one_hot(indices.transpose(1, 2).reshape(groups, k * tokens), num_experts)
-    positions = ((one_hot.cumsum(dim=1) - 1) * one_hot).sum(dim=-1)
+    # one-hot by comparison: F.one_hot would first scan the indices for their min and max (a validation pass)
+    flat = indices.transpose(1, 2).reshape(groups, k * tokens, 1)
+    one_hot = (flat == torch.arange(num_experts, device=indices.device)).to(torch.int32)
+    positions = ((one_hot.cumsum(dim=1) - 1) * one_hot).sum(dim=-1, dtype=torch.long)
     positions = positions.reshape(groups, k, tokens).transpose(1, 2)
     if order is not None:
         positions = torch.empty_like(positions).scatter_(1, order, positions)

@@ -1,7 +1,7 @@
-"""A bank of E two-layer MLP experts held as batched weight tensors, applied with one bmm per layer."""
+"""A bank of E two-layer MLP experts held as batched weight tensors."""
 from __future__ import annotations
 
-from typing import Tuple, Type, Union
+from typing import Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -14,8 +14,9 @@ __all__ = ['Experts']
 class Experts(nn.Module):
     """E independent ``fc1 -> act -> drop -> norm -> fc2 -> drop`` MLPs (timm ``Mlp`` per expert).
 
-    Weights are (E, in, hidden) and (E, hidden, out) so all experts run in one batched matmul. ``norm_layer`` (if any)
-    is shared by the experts.
+    Weights are (E, in, hidden) and (E, hidden, out). :meth:`forward` runs all experts in one batched matmul over
+    equal-size buffers; :meth:`forward_grouped` runs each expert on its own run of rows of an expert-sorted matrix
+    (no padding; what :class:`~simoe_vision.layers.MoeMlp` uses). ``norm_layer`` (if any) is shared by the experts.
     """
 
     def __init__(
@@ -60,6 +61,9 @@ class Experts(nn.Module):
 
     @staticmethod
     def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x @ weight (+ bias), batched (3-D: bmm) or for one expert (2-D: mm)."""
+        if x.dim() == 2:
+            return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
         return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,3 +71,25 @@ class Experts(nn.Module):
         x = self._linear(x, self.fc1_weight, self.fc1_bias)
         x = self.norm(self.drop1(self.act(x)))
         return self.drop2(self._linear(x, self.fc2_weight, self.fc2_bias))
+
+    def forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """x (M, in) sorted by expert, the first ``counts[0]`` rows for expert 0 and so on -> (M, out).
+
+        One matmul per expert and layer on exactly its rows; the weights are unbound once so the backward pass
+        stacks the E weight gradients instead of accumulating E zero-padded (E, in, hidden) tensors.
+        """
+        if len(counts) != self.num_experts or sum(counts) != x.shape[0]:
+            raise ValueError(f'counts must give the rows of each of the {self.num_experts} experts and sum to '
+                             f'{x.shape[0]}; got {list(counts)}')
+        fc1 = self._unbind(self.fc1_weight, self.fc1_bias)
+        fc2 = self._unbind(self.fc2_weight, self.fc2_bias)
+        outs = []
+        for rows, (w1, b1), (w2, b2) in zip(x.split(list(counts)), fc1, fc2, strict=True):
+            h = self.norm(self.drop1(self.act(self._linear(rows, w1, b1))))
+            outs.append(self._linear(h, w2, b2))
+        return self.drop2(torch.cat(outs))
+
+    @staticmethod
+    def _unbind(weight: Tensor, bias: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
+        biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
+        return list(zip(weight.unbind(0), biases, strict=True))

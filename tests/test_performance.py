@@ -1,0 +1,172 @@
+"""Performance paths: fused (O(N)) graph propagation == explicit, the flash kernel is what runs, sorted expert
+dispatch == batched experts, bf16 autocast, torch.compile, and a reduced in-process benchmark run."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from simoe_vision.layers import Experts, MoeMlp
+from simoe_vision.routers import TokenGraph, graph, similarity_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def always_flash(monkeypatch):
+    """Make fused propagation use the flash kernel even for the small graphs of these tests."""
+    monkeypatch.setattr(graph, 'DENSE_GRAPH_MAX_ENTRIES', 0)
+
+
+def _propagate_both(make_graph, values: torch.Tensor, leaves: list[torch.Tensor]):
+    """(output, grads of leaves) for the fused and the explicit (dense N x N) propagation."""
+    results = []
+    for fused in (True, False):
+        for t in leaves:
+            t.grad = None
+        out = make_graph().propagate(values, fused=fused)
+        out.square().sum().backward()  # sharper or flatter graphs change it: no cancellation in the tau grad
+        results.append((out.detach(), [t.grad.clone() for t in leaves]))
+    return results
+
+
+def _assert_grads_close(fused: list[torch.Tensor], explicit: list[torch.Tensor]) -> None:
+    # Gradients are sums over N^2 terms accumulated in another order by the flash kernel: rtol 1e-4 (the learnable
+    # tau's gradient, a sum over all B N^2 pairs, differs by ~2e-5 relative); outputs are held to 1e-5.
+    for a, b in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['cosine', 'dot'])
+@pytest.mark.parametrize('dim, num_experts', [(24, 8), (8, 32)])  # E < d pads v; E > d pads q/k
+@pytest.mark.parametrize('learnable_tau', [False, True])
+def test_fused_similarity_equals_explicit(always_flash, kind, dim, num_experts, learnable_tau):
+    x = torch.randn(3, 50, dim, requires_grad=True)
+    gates = torch.randn(3, 50, num_experts).softmax(-1).requires_grad_()
+    tau = torch.tensor(0.1, requires_grad=True) if learnable_tau else 0.1
+    leaves = [x, gates] + ([tau] if learnable_tau else [])
+    make_graph = lambda: similarity_graph(x, tau, kind)  # noqa: E731
+    (fused, fused_grads), (explicit, explicit_grads) = _propagate_both(make_graph, gates, leaves)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    _assert_grads_close(fused_grads, explicit_grads)
+
+
+@pytest.mark.parametrize('mask', ['bias', 'bias+shift_mask', 'bool_like_-inf'])
+def test_fused_attention_graph_with_bias_equals_explicit(always_flash, mask):
+    # Swin-style: 4 windows of 16 tokens, 3 heads, a per-head relative-position bias and a shift mask that blocks
+    # attention between regions (Swin uses -100; -inf must work too, as long as no row is fully masked).
+    windows, heads, n, dh = 4, 3, 16, 8
+    q = torch.randn(windows, heads, n, dh, requires_grad=True)
+    k = torch.randn(windows, heads, n, dh, requires_grad=True)
+    bias = torch.randn(1, heads, n, n, requires_grad=True)
+    region = (torch.arange(n) >= n // 2).long()
+    blocked = (region[:, None] != region[None, :]).view(1, 1, n, n)
+
+    def make_graph() -> TokenGraph:
+        if mask == 'bias':
+            full_bias = bias
+        elif mask == 'bias+shift_mask':
+            full_bias = bias + blocked.float() * -100.0
+        else:
+            full_bias = bias.masked_fill(blocked, float('-inf'))
+        return TokenGraph(q=q, k=k, scale=dh ** -0.5, bias=full_bias)
+
+    values = torch.randn(windows, n, 8).softmax(-1).requires_grad_()
+    (fused, fused_grads), (explicit, explicit_grads) = _propagate_both(make_graph, values, [q, k, bias, values])
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    _assert_grads_close(fused_grads, explicit_grads)
+    if mask != 'bias':  # the mask really cuts the graph: rows of region 0 get nothing from region 1
+        dense = make_graph().dense()
+        assert dense[:, : n // 2, n // 2:].max() < 1e-30
+
+
+def _sdpa_kernels(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if 'scaled_dot_product' in e.key}
+
+
+@pytest.mark.parametrize('dim, num_experts', [(24, 8), (8, 32)])
+def test_fused_propagation_runs_the_flash_kernel_forward_and_backward(always_flash, dim, num_experts):
+    # The math fallback would materialise the N x N graph; the flash kernel keeps memory O(N). Without padding to a
+    # common head dim, SDPA silently takes the math path.
+    x = torch.randn(2, 40, dim, requires_grad=True)
+    gates = torch.randn(2, 40, num_experts).softmax(-1)
+    kernels = _sdpa_kernels(lambda: similarity_graph(x, 0.1).propagate(gates).sum().backward())
+    assert any('flash_attention' in name and 'backward' not in name for name in kernels), kernels
+    assert any('flash_attention' in name and 'backward' in name for name in kernels), kernels
+    assert not any('math' in name for name in kernels), kernels
+
+
+def test_small_graphs_propagate_explicitly_large_ones_fused(monkeypatch):
+    # 2 graphs x 1 head x 40^2 nodes = 3200 entries: at the limit -> explicit matmul, one below -> flash kernel.
+    monkeypatch.setattr(graph, 'DENSE_GRAPH_MAX_ENTRIES', 3200)
+    x, gates = torch.randn(2, 40, 8), torch.randn(2, 40, 4).softmax(-1)
+    assert _sdpa_kernels(lambda: similarity_graph(x, 0.1).propagate(gates)) == set()
+    monkeypatch.setattr(graph, 'DENSE_GRAPH_MAX_ENTRIES', 3199)
+    assert any('flash' in k for k in _sdpa_kernels(lambda: similarity_graph(x, 0.1).propagate(gates)))
+
+
+def test_experts_forward_grouped_equals_batched():
+    experts = Experts(3, 6, 10, 5)
+    x = torch.randn(3, 4, 6)
+    grouped = experts.forward_grouped(x.flatten(0, 1), [4, 4, 4])
+    torch.testing.assert_close(grouped, experts(x).flatten(0, 1))
+    uneven = experts.forward_grouped(x[:, :2].flatten(0, 1)[:5], [2, 2, 1])  # rows 0-1 -> e0, 2-3 -> e1, 4 -> e2
+    torch.testing.assert_close(uneven[4], experts(x[:, :1])[2, 0])
+    with pytest.raises(ValueError, match='counts must give the rows of each of the 3 experts and sum to 5'):
+        experts.forward_grouped(x.flatten(0, 1)[:5], [2, 2])
+
+
+@pytest.mark.parametrize('router', ['softmax', 'similarity', 'attention'])
+def test_bf16_autocast_forward_backward(router):
+    moe = MoeMlp(16, 32, num_experts=4, top_k=2, router=router, capacity_factor=None, eval_capacity_factor=None)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    q = torch.randn(2, 2, 12, 8)
+    graph = TokenGraph(q=q, k=q, scale=8 ** -0.5) if router == 'attention' else None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = moe.eval()(x, graph)
+    reference = moe(x, graph)
+    assert out.dtype == torch.bfloat16 and moe.last_routing.probs.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=5e-2)  # bf16 keeps ~3 significant digits
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = moe.train()(x, graph)
+    out.float().square().sum().backward()
+    for p in (x, moe.router.gate.weight, moe.experts.fc1_weight, moe.experts.fc2_weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_torch_compile_tiny_moe_matches_eager():
+    # aot_eager traces with dynamo and AOTAutograd (where graph breaks and tracing errors come from) without the
+    # inductor C++ build, which takes ~100 s on 2 cores; benchmark.py --compile exercises inductor.
+    torch._dynamo.reset()
+    moe = MoeMlp(8, 16, num_experts=4, top_k=2, router='similarity').eval()
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    compiled = torch.compile(moe, backend='aot_eager')
+    out = compiled(x)
+    torch.testing.assert_close(out, moe(x))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location('simoe_benchmark', ROOT / 'benchmark.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_in_process(tmp_path):
+    bench = _load_benchmark()
+    results = bench.main(['--smoke', '--output', str(tmp_path), '--no-rich'])
+    rows = {(r['suite'], r['variant']): r for r in results}
+    assert ('model_train', 'vit_dense') in rows and ('router', 'similarity') in rows
+    for r in results:
+        if r['suite'].startswith('model') and 'img_s' in r:
+            assert r['img_s'] > 0 and math.isfinite(r['img_s'])
+    assert (tmp_path / 'results.csv').stat().st_size > 0
+    assert '| ' in (tmp_path / 'results.md').read_text()
