@@ -48,19 +48,15 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-from torch.utils.flop_counter import (  # noqa: E402
-    FlopCounterMode,
-    flop_registry,
-    register_flop_formula,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import simoe_vision  # noqa: E402,F401  (registers the models)
 from simoe_vision.models import count_params  # noqa: E402
+from simoe_vision.models.summary import register_cpu_flash_flops  # noqa: E402
 from simoe_vision.routers import ROUTERS, TokenGraph, create_router  # noqa: E402
 
-aten = torch.ops.aten
+register_cpu_flash_flops()
+
 
 SUITES = ('model', 'router', 'memory')
 
@@ -68,22 +64,6 @@ SUITES = ('model', 'router', 'memory')
 TARGET_MOE_VS_FLOPS = 1.10  # (a) V-MoE / dense train-step time <= 1.10 x their FLOP ratio
 TARGET_GRAPH_VS_SOFTMAX = 1.05  # (b) graph router / softmax router train-step time, same model
 TARGET_MEMORY = 1.5  # (c) similarity / softmax peak memory at N = 3137
-
-
-def _register_cpu_flash_flops() -> None:
-    """FlopCounterMode counts CUDA SDPA kernels only; count the CPU flash kernel (timm attention, graph routing)."""
-    if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
-        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-        def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    if aten._scaled_dot_product_flash_attention_for_cpu_backward not in flop_registry:
-        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-        def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-_register_cpu_flash_flops()
 
 
 # ----------------------------------------------------------------------------------------------------------- models

@@ -11,14 +11,36 @@ from typing import Dict, List
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from . import count_params
 
-__all__ = ['model_rows', 'main']
+__all__ = ['register_cpu_flash_flops', 'model_rows', 'main']
+
+aten = torch.ops.aten
+
+
+def register_cpu_flash_flops() -> None:
+    """FlopCounterMode counts CUDA SDPA kernels only; count the CPU flash kernel (timm attention, graph routing)."""
+    if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+        def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if aten._scaled_dot_product_flash_attention_for_cpu_backward not in flop_registry:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def model_rows(names: List[str], router: str = 'softmax') -> List[Dict[str, object]]:
+    register_cpu_flash_flops()
     rows = []
     for name in names:
         model = timm.create_model(name, router=router, eval_capacity_factor=1.0).eval()
