@@ -132,6 +132,19 @@ def test_aux_loss_alone_reaches_the_gate_and_scale_applies():
     torch.testing.assert_close(grads[1], grads[0] * 0.5)
 
 
+def test_no_aux_gradient_in_eval_mode():
+    """Input gradients in eval mode (adversarial attacks, saliency) carry the task loss only."""
+    moe = _moe(router='similarity').eval()
+    x = torch.randn(2, 6, 8)
+    grads = []
+    for attach in (True, False):
+        moe.attach_aux_loss = attach
+        xi = x.clone().requires_grad_()
+        moe(xi).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_attach_is_identity_without_grad():
     out = torch.randn(3)
     with torch.no_grad():

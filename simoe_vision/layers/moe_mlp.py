@@ -129,7 +129,8 @@ class MoeMlp(nn.Module):
                                           routing.aux_loss.detach(), routing.stats)
         if self.attach_aux_loss:
             self._aux_loss = routing.aux_loss.detach()
-            out = attach_aux_loss(out, routing.aux_loss)
+            if self.training:  # an input gradient in eval mode (attacks, saliency) must see the task loss only
+                out = attach_aux_loss(out, routing.aux_loss)
         else:
             self._aux_loss = routing.aux_loss
         return out.reshape(batch, tokens, -1)
