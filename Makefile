@@ -38,5 +38,10 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check simoe_vision tests *.py
 
+# Train a small-image V-MoE with the similarity router on Fashion-MNIST (~10 min on 2 CPU cores); prints the results
+# table and the run folder.
+demo: setup
+	$(BIN)/python train.py -c configs/demo.yaml
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,267 @@
+"""train.py end to end on tiny data: outputs, exact resume, checkpoints, faults, signals and a 2-process DDP run."""
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from simoe_vision.engine import CheckpointError, atomic_write, load_checkpoint, main, save_checkpoint
+from simoe_vision.engine import checkpoint as checkpoint_mod
+from simoe_vision.engine import loop as loop_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+# vmoe_test (2 blocks, 1 MoE layer), 4 steps of 16 per epoch on 80 - 16 (val) training images, in-process loading
+TINY = ['--model', 'vmoe_test', '--num-experts', '4', '--batch-size', '16', '--val-size', '16', '--probe-size', '8',
+        '--workers', '0', '--no-progress', '--warmup-epochs', '0.5']
+LAYER = 'blocks.1.mlp'
+ENV = dict(os.environ, HF_HUB_OFFLINE='1', NO_ALBUMENTATIONS_UPDATE='1', OMP_NUM_THREADS='1')
+
+
+def idx_gz(path: Path, array: np.ndarray) -> None:
+    """idx format: 0x0000, type 0x08 (ubyte), ndim, big-endian int32 dims, then the raw bytes; gzipped."""
+    header = struct.pack('>HBB', 0, 0x08, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope='module')
+def fashion(tmp_path_factory) -> Path:
+    """A fake Fashion-MNIST: 80 training and 16 test images of 28x28 with labels 0..9."""
+    root = tmp_path_factory.mktemp('fmnist')
+    rng = np.random.default_rng(0)
+    for prefix, n in (('train', 80), ('t10k', 16)):
+        idx_gz(root / f'{prefix}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        idx_gz(root / f'{prefix}-labels-idx1-ubyte.gz', (np.arange(n) % 10).astype(np.uint8))
+    return root
+
+
+def run(args, capsys=None):
+    code = main([str(a) for a in args])
+    return (code, capsys.readouterr()) if capsys is not None else code
+
+
+def rows(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_outputs_and_exact_resume(fashion, tmp_path):
+    out = tmp_path / 'runs'
+    common = TINY + ['--data-dir', fashion, '--epochs', 2, '--output', out, '--train-subset', 48]
+    assert run(common + ['--experiment', 'full']) == 0
+    assert run(common + ['--experiment', 'split', '--stop-after', 1]) == 0
+    assert not (out / 'split' / 'results.json').exists()  # stopped early: no final test yet
+    assert run(['--resume', out / 'split']) == 0  # inherits the saved config, not its stop_after
+
+    full, split = out / 'full', out / 'split'
+    a, b = load_file(full / 'last.safetensors'), load_file(split / 'last.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
+    assert [r['train_loss'] for r in rows(full)] == [r['train_loss'] for r in rows(split)]
+
+    # run folder contents
+    for name in ('config.yaml', 'metrics.jsonl', 'summary.csv', 'fluctuation.json', 'results.json', 'last.pt',
+                 'last.safetensors', 'best.pt', 'best.safetensors'):
+        assert (full / name).is_file(), name
+    assert yaml.safe_load((full / 'config.yaml').read_text())['epochs'] == 2
+    first, second = rows(full)
+    for key in ('epoch', 'train_loss', 'val_top1', 'val_top5', 'aux_loss', 'load_cv', 'dropped', 'entropy',
+                'fluctuation', 'epoch_time', f'load_cv.{LAYER}', f'dropped.{LAYER}', f'entropy.{LAYER}',
+                f'fluctuation.{LAYER}'):
+        assert key in second, key
+    assert first['fluctuation'] is None and 0.0 <= second['fluctuation'] <= 1.0  # needs a previous epoch
+    assert second['val_images'] == 16 and second['train_images'] == 48
+    header = (full / 'summary.csv').read_text().splitlines()[0].split(',')
+    assert {'train_loss', 'val_top1', 'val_top5', 'aux_loss', 'load_cv', 'fluctuation', 'epoch_time'} <= set(header)
+    fluct = json.loads((full / 'fluctuation.json').read_text())
+    assert len(fluct['curves']['mean']) == 1 and fluct['curves']['mean'][0] == pytest.approx(second['fluctuation'])
+    dist = fluct['last_fluctuation_epoch']
+    assert dist['tokens'] == 8 * 17 and sum(dist['count']) == 8 * 17 and dist['cdf'][-1] == pytest.approx(1.0)
+    results = json.loads((full / 'results.json').read_text())
+    assert results['test_images'] == 16 and 0 <= results['test_top1'] <= results['test_top5'] <= 100
+    best = max(rows(full), key=lambda r: r['val_top1'])
+    assert results['best_epoch'] == best['epoch']  # chosen on validation
+
+    # checkpoints load with weights_only=True and hold the whole training state
+    state = torch.load(full / 'last.pt', weights_only=True)
+    assert {'epoch', 'optimizer', 'scheduler', 'rng', 'tracker', 'best'} <= set(state) and state['epoch'] == 2
+    torch.load(full / 'best.pt', weights_only=True)
+
+
+def test_ema_mixup_bf16_and_bad_val_size(fashion, tmp_path, capsys):
+    out = tmp_path / 'runs'
+    args = TINY + ['--data-dir', fashion, '--epochs', 1, '--output', out, '--train-subset', 32]
+    assert run(args + ['--experiment', 'opts', '--model-ema', '--model-ema-decay', 0.9, '--mixup', 0.8,
+                       '--cutmix', 1.0, '--amp', 'bf16', '--router', 'similarity']) == 0
+    state = torch.load(out / 'opts' / 'last.pt', weights_only=True)
+    assert set(state['ema']) == set(load_file(out / 'opts' / 'last.safetensors'))
+    code, captured = run(args + ['--val-size', 500], capsys)
+    assert code == 2 and 'val_size must leave both parts non-empty' in captured.err
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / 'file.bin'
+    target.write_bytes(b'good')
+
+    def broken(tmp: str) -> None:
+        Path(tmp).write_bytes(b'partial')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b'good' and list(tmp_path.iterdir()) == [target]  # no temp file left behind
+
+    model = nn.Linear(3, 2)
+    save_checkpoint(tmp_path, 'last', model, {'epoch': 1})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def dies_midway(obj, path):
+        Path(path).write_bytes(b'\x80partial pickle')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(checkpoint_mod.torch, 'save', dies_midway)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match='disk full'):
+        save_checkpoint(tmp_path, 'last', model, {'epoch': 2})
+    monkeypatch.undo()
+    # the weights file of epoch 2 was replaced but the pair no longer matches: detected, named
+    with pytest.raises(CheckpointError, match='inconsistent'):
+        load_checkpoint(tmp_path, nn.Linear(3, 2))
+    state, _ = load_checkpoint(tmp_path)  # the previous training state is intact
+    assert state['epoch'] == 1
+    save_checkpoint(tmp_path, 'last', nn.Linear(3, 2), {'epoch': 1})
+    fresh = nn.Linear(3, 2)
+    load_checkpoint(tmp_path / 'last.pt', fresh)
+    assert not torch.equal(fresh.weight, saved['weight'] + 1)
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_checkpoint(tmp_path / 'nothing')
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(fashion, tmp_path, monkeypatch, capsys):
+    calls = []
+    original = loop_mod.forward_loss
+
+    def poisoned(*args):  # epoch 1 has 4 steps; the 6th forward (epoch 2, step 2) is NaN
+        calls.append(1)
+        loss = original(*args)
+        return loss * float('nan') if len(calls) == 6 else loss
+
+    monkeypatch.setattr(loop_mod, 'forward_loss', poisoned)
+    out = tmp_path / 'runs'
+    code, captured = run(TINY + ['--data-dir', fashion, '--epochs', 2, '--output', out, '--experiment', 'nan'], capsys)
+    assert code == 1
+    assert 'non-finite loss (nan) at epoch 2, step 2' in captured.err and 'Traceback' not in captured.err
+    state, _ = load_checkpoint(out / 'nan')
+    assert state['epoch'] == 1 and len(rows(out / 'nan')) == 1
+
+
+def _image_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, per_class in (('train', 8), ('val', 2)):
+        for cls in ('cat', 'dog'):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    (root / 'train' / 'cat' / 'bad.png').write_bytes(b'not a png at all')
+    return root
+
+
+def test_imagefolder_skips_corrupt_images_and_strict_fails(tmp_path, capsys):
+    data = _image_folder(tmp_path / 'data')
+    args = ['--model', 'vmoe_test', '--num-experts', '4', '--data', 'imagefolder', '--data-dir', data, '--epochs', 1,
+            '--batch-size', 8, '--val-size', 1, '--probe-size', 4, '--workers', 0, '--no-progress',
+            '--output', tmp_path / 'runs']
+    with pytest.warns(RuntimeWarning, match='bad.png'):
+        code, captured = run(args + ['--experiment', 'lenient'], capsys)
+    assert code == 0
+    assert rows(tmp_path / 'runs' / 'lenient')[0]['skipped_images'] == 1  # 16 good + 1 bad: in train or val
+    assert 'skipped 1 unreadable image' in captured.out
+    code, captured = run(args + ['--experiment', 'strict', '--strict-data'], capsys)
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and 'cannot decode image' in lines[0] and 'bad.png' in lines[0]
+
+
+def test_missing_data_and_bad_config_exit_2_without_traceback(tmp_path, capsys):
+    code, captured = run(['--data', 'imagefolder', '--data-dir', tmp_path / 'nowhere', '--output', tmp_path], capsys)
+    assert code == 2 and captured.err.startswith('error: dataset root') and len(captured.err.splitlines()) == 1
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                 't10k-labels-idx1-ubyte'):
+        (broken / name).write_bytes(b'\x00\x00\x08')  # a truncated idx header
+    code, captured = run(['--data-dir', broken, '--output', tmp_path / 'runs'], capsys)
+    assert code == 2 and captured.err.startswith('error: ') and len(captured.err.splitlines()) == 1
+    assert 'Traceback' not in captured.err and 'train-images-idx3-ubyte' in captured.err
+    broken_files = set(tmp_path.iterdir())
+    code, captured = run(['--modle', 'vmoe_test', '--output', tmp_path], capsys)
+    assert code == 2 and 'did you mean model' in captured.err
+    code, captured = run(['--model', 'vmoe_tset', '--output', tmp_path], capsys)
+    assert code == 2 and "did you mean vmoe_test" in captured.err
+    assert set(tmp_path.iterdir()) == broken_files  # failed before any work: no run folder
+
+
+def test_sigterm_saves_and_exits_cleanly(fashion, tmp_path):
+    out = tmp_path / 'runs'
+    cmd = [sys.executable, 'train.py', *map(str, TINY), '--data-dir', str(fashion), '--epochs', '500',
+           '--output', str(out), '--experiment', 'sig']
+    log = (tmp_path / 'out.txt').open('w')
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not (out / 'sig' / 'last.pt').exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / 'sig' / 'last.pt').exists(), (tmp_path / 'out.txt').read_text()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / 'out.txt').read_text()
+    assert code == 128 + signal.SIGTERM, text
+    assert 'stopped by signal 15' in text and 'Traceback' not in text
+    saved = out / 'sig' / ('interrupted.pt' if (out / 'sig' / 'interrupted.pt').exists() else 'last.pt')
+    state, _ = load_checkpoint(saved)
+    assert state['epoch'] >= 1
+    torch.load(out / 'sig' / 'last.pt', weights_only=True)
+
+
+def test_torchrun_two_processes_gloo(fashion, tmp_path):
+    out = tmp_path / 'runs'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py',
+           *map(str, TINY), '--data-dir', str(fashion), '--epochs', '1', '--output', str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = out.iterdir()  # one run folder, written by rank 0
+    assert sorted(p.name for p in run_dir.glob('*.pt')) == ['best.pt', 'last.pt']
+    (row,) = rows(run_dir)
+    # 64 training images -> 32 per rank -> 2 steps of 16 each: sums over both ranks
+    assert row['train_images'] == 64 and row['val_images'] == 16
+    results = json.loads((run_dir / 'results.json').read_text())
+    assert results['test_images'] == 16 and results['best_val_top1'] == pytest.approx(row['val_top1'])
+
+
+def test_fluctuation_report_by_hand():
+    from simoe_vision.engine import fluctuation_report
+    from simoe_vision.metrics import FluctuationTracker
+    tracker = FluctuationTracker()
+    # one image, 4 tokens. epoch 1: 0 0 0 0; epoch 2: 0 1 0 0 (1 of 4 changed); epoch 3: 0 1 2 0 (1 of 4 changed)
+    for epoch, top1 in ((1, [0, 0, 0, 0]), (2, [0, 1, 0, 0]), (3, [0, 1, 2, 0])):
+        tracker.update(epoch, {'layer': torch.tensor([top1])})
+    report = fluctuation_report(tracker)
+    assert report['curves']['mean'] == [0.25, 0.25] and report['curve_epochs'] == [2, 3]
+    # last change: token 0 and 3 never (epoch 1), token 1 at epoch 2, token 2 at epoch 3 -> counts 2, 1, 1
+    dist = report['last_fluctuation_epoch']
+    assert dist['count'] == [2, 1, 1] and dist['cdf'] == [0.5, 0.75, 1.0] and dist['tokens'] == 4
