@@ -106,7 +106,7 @@ def save_expert_maps(
                 image_ax.imshow(shown[r], cmap='gray' if gray else None, vmin=0, vmax=1)
                 map_ax.imshow(shown[r], cmap='gray' if gray else None, vmin=0, vmax=1)
                 map_ax.imshow(grid[r], cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, alpha=0.55,
-                              interpolation='nearest', extent=(0, width, height, 0))
+                              interpolation='nearest', extent=(-0.5, width - 0.5, height - 0.5, -0.5))
                 if r == 0:
                     image_ax.set_title(title, fontsize=9)
                     map_ax.set_title(f'experts ({grid.shape[1]}x{grid.shape[2]} patches)', fontsize=9)

@@ -51,7 +51,7 @@ def plot_accuracy(results: Dict[str, Dict[str, Any]], path: Path) -> Optional[st
         points = per_severity({c: {s: m['top1'] for s, m in by_s.items()} for c, by_s in cells.items()})
         if 'clean' in result:
             points[0] = result['clean']['top1']
-        series[label] = points
+        series[f"{label} ({result['router']})"] = points
     n = len(next(iter(results.values())).get('corruptions', {}).get('cells', {})) if results else 0
     return _line_plot(series, 'top-1 accuracy (%)', f'accuracy vs severity (mean over {n} corruptions)', path)
 
@@ -65,6 +65,6 @@ def plot_agreement(results: Dict[str, Dict[str, Any]], path: Path) -> Optional[s
             continue
         points = per_severity({c: {s: v['mean'] for s, v in by_s.items()} for c, by_s in table.items()})
         points[0] = 1.0
-        series[label] = points
+        series[f"{label} ({result['router']})"] = points
     return _line_plot(series, 'routing agreement (share of tokens)',
                       'top-1 expert agreement, clean vs corrupted (mean over layers and corruptions)', path)

@@ -81,6 +81,10 @@ def _f(value: Optional[float], digits: int = 2) -> str:
     return '–' if value is None else f'{value:.{digits}f}'
 
 
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
 def _table(header: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
     return lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
@@ -153,8 +157,8 @@ def markdown_report(meta: Dict[str, Any], results: Results, figures: Dict[str, s
         table = r.get('routing', {}).get('agreement')
         if not table:
             continue
-        layers = next(iter(next(iter(table.values())).values()))
-        for layer in layers:
+        layers = list(next(iter(next(iter(table.values())).values())))
+        for layer in layers if len(layers) > 2 else layers[:1]:  # 'mean' only when there are several layers
             points = per_severity({c: {s: v[layer] for s, v in by_s.items()} for c, by_s in table.items()})
             agree.append([k, layer] + [_f(points.get(s), 3) for s in severities])
     if agree:
@@ -173,21 +177,26 @@ def markdown_report(meta: Dict[str, Any], results: Results, figures: Dict[str, s
 
 
 def rich_summary(results: Results, console: Console) -> None:
-    """One row per checkpoint: clean top-1/ECE, mean corruption accuracy, mCE, adversarial, routing."""
+    """One row per checkpoint: clean top-1/ECE, corruptions, each attack's top-1, routing agreement and load CV."""
+    attacks = list(dict.fromkeys(f"{a['attack']}@{a['eps']:g}" for r in results.values()
+                                 for a in r.get('adversarial', [])))
+    alexnet = any('alexnet' in r.get('corruptions', {}) for r in results.values())
     table = Table(title='evaluation summary')
-    for column in ('model', 'router', 'clean top-1', 'ECE', 'corr. acc', 'mCE', 'rel. mCE', 'adv top-1',
-                   'agreement', 'load CV'):
+    columns = ['model', 'router', 'top-1', 'ECE', 'corr. acc', 'mean err'] + (['mCE'] if alexnet else [])
+    columns += ['rel. mCE'] + attacks + ['agree', 'load CV']
+    for column in columns:
         table.add_column(column, justify='left' if column in ('model', 'router') else 'right')
     for label, r in results.items():
         corr = r.get('corruptions', {})
-        mce = corr.get('alexnet', {}).get('mce', corr.get('mce'))
         relative = next(iter(corr.get('relative', {}).values()), {}).get('mce')
-        adv = ', '.join(f"{a['attack']}@{a['eps']:g}: {a['adv_top1']:.1f}" for a in r.get('adversarial', []))
+        adv = {f"{a['attack']}@{a['eps']:g}": a['adv_top1'] for a in r.get('adversarial', [])}
         routing = r.get('routing', {})
         agreement = [v['mean'] for by_s in routing.get('agreement', {}).values() for v in by_s.values()]
         cvs = [v['load_cv'] for v in routing.get('layers', {}).values()]
-        table.add_row(label, r['router'], _f(r.get('clean', {}).get('top1')), _f(r.get('clean', {}).get('ece'), 3),
-                      _f(corr.get('mean_corruption_accuracy')), _f(mce), _f(relative), adv or '–',
-                      _f(sum(agreement) / len(agreement), 3) if agreement else '–',
-                      _f(sum(cvs) / len(cvs), 3) if cvs else '–')
+        row = [label, r['router'], _f(r.get('clean', {}).get('top1')), _f(r.get('clean', {}).get('ece'), 3),
+               _f(corr.get('mean_corruption_accuracy')), _f(corr.get('mce'))]
+        row += [_f(corr.get('alexnet', {}).get('mce'))] if alexnet else []
+        row += [_f(relative)] + [_f(adv.get(a), 1) for a in attacks]
+        row += [_f(_mean(agreement), 3), _f(_mean(cvs), 3)]
+        table.add_row(*row)
     console.print(table)
