@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 from test_train import TINY, idx_gz
 
 from simoe_vision.engine import main as train_main
@@ -22,6 +25,7 @@ from simoe_vision.evaluation import (
 from simoe_vision.evaluation.loading import load_model
 from simoe_vision.evaluation.runner import run_clean, run_corruptions
 from simoe_vision.metrics import RoutingRecorder
+from simoe_vision.robustness import imagenet_synsets, read_timm_info
 
 SMOKE = ['--eval-subset', '8', '--corruptions', 'gaussian_noise,contrast', '--severities', '1,3', '--pgd-steps', '2',
          '--eps', '4', '--num-maps', '2', '--batch-size', '8', '--no-progress']
@@ -178,3 +182,32 @@ def test_bad_flags_are_reported_together(runs, tmp_path, capsys):
                           '--suite', 'a', '--output', tmp_path / 'o'], capsys)
     assert code == 2
     assert '--suite a needs --imagenet-a-dir' in cap.err and 'unknown corruption(s) fogg' in cap.err
+
+
+def _png_tree(root: Path, wnids, size: int = 36) -> None:
+    rng = np.random.default_rng(0)
+    for wnid in wnids:
+        (root / wnid).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / wnid / 'x.png')
+
+
+def test_imagenet_c_a_r_folders_with_a_weights_file(tmp_path, capsys):
+    """A 1000-class RGB vmoe_test as a bare weights file on tiny ImageNet-C (one cell), -A and -R folders."""
+    model = timm.create_model('vmoe_test', num_classes=1000)
+    weights = tmp_path / 'imagenet_vmoe.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    _png_tree(tmp_path / 'c' / 'gaussian_noise' / '1', imagenet_synsets()[:2])
+    _png_tree(tmp_path / 'a', read_timm_info('imagenet_a_synsets.txt'), size=8)
+    _png_tree(tmp_path / 'r', read_timm_info('imagenet_r_synsets.txt'), size=8)
+    code, cap = evaluate(['--checkpoint', weights, '--model', 'vmoe_test', '--suite', 'c,a,r', '--imagenet-c-dir',
+                          tmp_path / 'c', '--corruptions', 'gaussian_noise', '--severities', '1', '--imagenet-a-dir',
+                          tmp_path / 'a', '--imagenet-r-dir', tmp_path / 'r', '--eval-subset', '6',
+                          '--output', tmp_path / 'o', '--no-progress'], capsys)
+    assert code == 0, cap.err
+    r = json.loads((tmp_path / 'o' / 'results.json').read_text())['checkpoints']['imagenet_vmoe']
+    assert r['imagenet_a']['num_samples'] == 6 and r['imagenet_r']['num_samples'] == 6
+    corr = r['corruptions']
+    assert corr['source'] == 'ImageNet-C' and corr['cells']['gaussian_noise']['1']['num_samples'] == 2
+    # one corruption: mCE = 100 * error / AlexNet's mean error for gaussian_noise (0.886428)
+    assert corr['alexnet']['mce'] == pytest.approx(100 * corr['errors']['gaussian_noise']['1'] / 0.886428)
+    assert 'mCE (AlexNet)' in (tmp_path / 'o' / 'results.md').read_text()

@@ -205,6 +205,8 @@ def load_model(
     net.to(device).eval()
     first, _ = _first_conv_and_classifier(config['model'])
     in_chans = int(weights[f'{first}.weight'].shape[1]) if f'{first}.weight' in weights else None
+    if config_path is None and data is None:  # a bare RGB weights file is an ImageNet-style model: its mean/std
+        config['data'] = 'fashion_mnist' if in_chans == 1 else 'imagefolder'
     data_config = data_config_for({**config, 'in_chans': in_chans or config['in_chans']})
     label = config_path.parent.name if config_path is not None else weights_path.stem
     return LoadedModel(label=label, model=net, config=config, data_config=data_config, checkpoint=str(weights_path))
