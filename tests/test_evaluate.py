@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import timm
@@ -18,9 +19,12 @@ from simoe_vision.evaluation import (
     EvalSettings,
     add_relative_ce,
     agreement_table,
+    expert_colormap,
     main,
     patch_grid,
     per_severity,
+    record_top1,
+    save_expert_maps,
 )
 from simoe_vision.evaluation.loading import load_model
 from simoe_vision.evaluation.runner import run_clean, run_corruptions
@@ -211,3 +215,15 @@ def test_imagenet_c_a_r_folders_with_a_weights_file(tmp_path, capsys):
     # one corruption: mCE = 100 * error / AlexNet's mean error for gaussian_noise (0.886428)
     assert corr['alexnet']['mce'] == pytest.approx(100 * corr['errors']['gaussian_noise']['1'] / 0.886428)
     assert 'mCE (AlexNet)' in (tmp_path / 'o' / 'results.md').read_text()
+
+
+def test_swin_expert_maps_one_grid_per_stage_and_colours(tmp_path):
+    model = timm.create_model('swin_moe_test', in_chans=1).eval()  # MoE blocks in both stages: 8x8 and 4x4 maps
+    x = torch.randn(2, 1, 32, 32)
+    paths = save_expert_maps(model, x, x.flip(-1), 'flipped', {'mean': (0.5,), 'std': (0.5,)}, 4, tmp_path, 'swin',
+                             torch.device('cpu'))
+    assert [Path(p).name for p in paths] == ['swin_layers-0-blocks-1-mlp.png', 'swin_layers-1-blocks-1-mlp.png']
+    grids = {k: patch_grid(v).shape for k, v in record_top1(model, x, torch.device('cpu')).items()}
+    assert grids == {'layers.0.blocks.1.mlp': (2, 8, 8), 'layers.1.blocks.1.mlp': (2, 4, 4)}
+    gray = plt.get_cmap('tab10').colors[7]
+    assert gray not in expert_colormap(8).colors and len(set(expert_colormap(8).colors)) == 8

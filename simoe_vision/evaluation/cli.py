@@ -287,6 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``evaluate.py``; returns 0, or 2 with one ``error:`` message for anything the user can fix."""
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the summary table instead of rich's 80 columns
+        console = Console(width=160)
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv

@@ -39,9 +39,10 @@ def patch_grid(top1: Tensor, num_prefix_tokens: int = 0) -> Tensor:
 
 
 def expert_colormap(num_experts: int) -> ListedColormap:
-    """Distinct colours per expert: tab10 up to 10 experts, tab20 up to 20, then a sampled hsv wheel."""
-    if num_experts <= 10:
-        colors = plt.get_cmap('tab10').colors[:num_experts]
+    """Distinct colours per expert: tab10 without its gray (which reads as 'no overlay' on the image's dark
+    background) up to 9 experts, tab20 up to 20, then a sampled hsv wheel."""
+    if num_experts <= 9:
+        colors = [c for i, c in enumerate(plt.get_cmap('tab10').colors) if i != 7][:num_experts]
     elif num_experts <= 20:
         colors = plt.get_cmap('tab20').colors[:num_experts]
     else:

@@ -32,6 +32,7 @@ def _line_plot(series: Dict[str, Dict[int, float]], ylabel: str, title: str, pat
     ax.set_xlabel('severity (0 = clean)')
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    ax.margins(y=0.1)
     ax.set_xticks(sorted({x for points in series.values() for x in points}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -66,5 +67,5 @@ def plot_agreement(results: Dict[str, Dict[str, Any]], path: Path) -> Optional[s
         points = per_severity({c: {s: v['mean'] for s, v in by_s.items()} for c, by_s in table.items()})
         points[0] = 1.0
         series[f"{label} ({result['router']})"] = points
-    return _line_plot(series, 'routing agreement (share of tokens)',
-                      'top-1 expert agreement, clean vs corrupted (mean over layers and corruptions)', path)
+    return _line_plot(series, 'same top-1 expert (share of tokens)',
+                      'routing agreement, clean vs corrupted\n(mean over MoE layers and corruptions)', path)
