@@ -1,0 +1,212 @@
+"""Load a model to evaluate from a train.py run folder (its config.yaml + best checkpoint) or a bare weights file.
+
+A run folder supplies the model name, router, experts and data settings from its ``config.yaml``; a weights file
+(``.safetensors``, ``.pth``/``.pt`` state dict) needs them from the command line (``--model``, ``--router``,
+``--model-kwargs``). ``num_classes`` and ``in_chans`` are read off the weights (classifier and first conv), so a
+1-channel Fashion-MNIST model and a 1000-class ImageNet model load with the same call. Weights that do not fit the
+model fail with one :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys and the likely
+cause, instead of torch's ``load_state_dict`` trace.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..engine.checkpoint import CheckpointError
+from ..engine.config import OPTIONS, ConfigError, convert_value
+from ..engine.data import data_config_for
+
+__all__ = ['CheckpointMismatchError', 'LoadedModel', 'check_state_dict', 'load_model', 'read_weights']
+
+# model_kwargs keys that are run-config keys of their own (so a weights file's settings read like a run's)
+_CONFIG_KEYS = ('num_experts', 'top_k', 'router_kwargs', 'img_size', 'in_chans')
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The weights do not fit the model built from the settings; the message lists the differences."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate, with the settings it was built from."""
+
+    label: str
+    model: nn.Module
+    config: Dict[str, Any]
+    data_config: Dict[str, Any]
+    checkpoint: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def router(self) -> str:
+        return self.config['router']
+
+
+def read_weights(path: Path) -> Dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (flat, or under 'state_dict' / 'model' / 'ema')."""
+    try:
+        if path.suffix == '.safetensors':
+            return load_file(str(path))
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any read failure means the file is unusable
+        raise CheckpointError(f'cannot read weights {path}: {e}') from None
+    if isinstance(obj, dict) and 'optimizer' in obj and 'epoch' in obj:  # a train.py training state
+        beside = path.with_suffix('.safetensors')
+        if beside.is_file():
+            return read_weights(beside)
+        raise CheckpointError(f'{path} is a training state without weights and {beside} is missing')
+    for key in ('state_dict', 'model', 'ema'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f'{path} holds no state dict of tensors')
+    return {k.removeprefix('module.'): v for k, v in obj.items()}
+
+
+def _likely_causes(missing: list[str], unexpected: list[str], shaped: list[str], config: Dict[str, Any]) -> list[str]:
+    causes = []
+    keys = missing + unexpected + shaped
+    if any('.router.' in k for k in missing + unexpected):
+        causes.append(f"a different router (the model was built with router={config['router']!r})")
+    if any('.experts.' in k or '.router.' in k for k in shaped):
+        causes.append(f"a different num_experts (the model was built with {config.get('num_experts')} experts)")
+    if any(re.match(r'(head|fc)\.', k) for k in shaped):
+        causes.append('a different number of classes')
+    if any(re.match(r'blocks\.\d+\.|layers\.\d+\.', k) for k in missing + unexpected) and not causes:
+        causes.append('a different depth or MoE layout (moe_layout)')
+    if keys and not causes:
+        causes.append(f"a different model than {config['model']!r} or other model_kwargs")
+    return causes
+
+
+def _listing(title: str, items: list[str], limit: int = 8) -> str:
+    more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
+    return f'  {title} ({len(items)}): {", ".join(items[:limit])}{more}'
+
+
+def check_state_dict(model: nn.Module, weights: Dict[str, Tensor], config: Dict[str, Any], source: str) -> None:
+    """Raise one :class:`CheckpointMismatchError` if ``weights`` do not match ``model``'s keys and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shaped = [f'{k} {tuple(weights[k].shape)} vs model {tuple(v.shape)}' for k, v in expected.items()
+              if k in weights and weights[k].shape != v.shape]
+    if not (missing or unexpected or shaped):
+        return
+    lines = [f"weights {source} do not fit {config['model']} (router={config['router']}, "
+             f"num_experts={config.get('num_experts')}):"]
+    for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', shaped)):
+        if items:
+            lines.append(_listing(title, items))
+    lines.append(f'  likely cause: {"; or ".join(_likely_causes(missing, unexpected, shaped, config))}. Pass the run '
+                 'folder (its config.yaml has the settings), or --model/--router/--model-kwargs that match.')
+    raise CheckpointMismatchError('\n'.join(lines))
+
+
+def _resolve_files(path: Path) -> tuple[Path, Optional[Path]]:
+    """(weights file, run config or None) for a run folder, a checkpoint inside one, or a lone weights file."""
+    if path.is_dir():
+        for tag in ('best', 'last'):
+            if (path / f'{tag}.safetensors').is_file():
+                return path / f'{tag}.safetensors', (path / 'config.yaml' if (path / 'config.yaml').is_file()
+                                                     else None)
+        raise CheckpointError(f'{path} holds no best.safetensors or last.safetensors; pass a train.py run folder '
+                              'or a weights file')
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist; pass a train.py run folder or a weights file '
+                              '(.safetensors, .pth)')
+    config = path.parent / 'config.yaml'
+    return path, config if config.is_file() else None
+
+
+def _run_config(config_path: Optional[Path], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Defaults < the run's config.yaml < command-line model settings, through train.py's converters."""
+    config = {key: option.default for key, option in OPTIONS.items()}
+    if config_path is not None:
+        saved = yaml.safe_load(config_path.read_text()) or {}
+        config.update({k: convert_value(k, v) for k, v in saved.items() if k in OPTIONS})
+    else:
+        config['model_kwargs'] = {}
+    kwargs = dict(overrides.pop('model_kwargs', None) or {})
+    for key in _CONFIG_KEYS:
+        if key in kwargs:
+            overrides[key] = kwargs.pop(key)
+    for key, value in overrides.items():
+        if value is not None:
+            config[key] = convert_value(key, value)
+    config['model_kwargs'] = {**config['model_kwargs'], **kwargs}
+    return config
+
+
+def _first_conv_and_classifier(name: str) -> tuple[str, str]:
+    cfg = timm.models.get_pretrained_cfg(name)
+    first = cfg.first_conv if isinstance(cfg.first_conv, str) else cfg.first_conv[0]
+    classifier = cfg.classifier if isinstance(cfg.classifier, str) else cfg.classifier[0]
+    return first, classifier
+
+
+def _build(config: Dict[str, Any], weights: Dict[str, Tensor], explicit: set[str]) -> nn.Module:
+    """The model of ``config`` with ``num_classes``/``in_chans`` taken from the weights."""
+    first, classifier = _first_conv_and_classifier(config['model'])
+    kwargs: Dict[str, Any] = {'router': config['router'], 'router_kwargs': config['router_kwargs'],
+                              **config['model_kwargs']}
+    for key in ('num_experts', 'top_k', 'img_size'):  # a bare weights file keeps the model's own defaults
+        if key in explicit and config[key] is not None:
+            kwargs[key] = config[key]
+    if f'{classifier}.weight' in weights:
+        kwargs['num_classes'] = weights[f'{classifier}.weight'].shape[0]
+    if f'{first}.weight' in weights:
+        kwargs['in_chans'] = weights[f'{first}.weight'].shape[1]
+    try:
+        return timm.create_model(config['model'], **kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"cannot build model {config['model']!r} with {kwargs}: {e}") from None
+
+
+def load_model(
+        checkpoint: str | Path,
+        model: Optional[str] = None,
+        router: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        data: Optional[str] = None,
+        device: torch.device | str = 'cpu',
+) -> LoadedModel:
+    """Build and load the model of a run folder / checkpoint file; flags override the run config when given.
+
+    Without a run config, ``model`` is required. The label is the run folder's name (or the file's stem).
+    """
+    path = Path(checkpoint).expanduser()
+    weights_path, config_path = _resolve_files(path)
+    if config_path is None and model is None:
+        raise ConfigError(f'{weights_path} has no config.yaml beside it: pass --model (and --router/--model-kwargs '
+                          'for its MoE settings)')
+    overrides = {'model': model, 'router': router, 'model_kwargs': model_kwargs, 'data': data}
+    explicit = {k for k in _CONFIG_KEYS if k in (model_kwargs or {})}
+    config = _run_config(config_path, overrides)
+    if config_path is not None:
+        explicit.update(('num_experts', 'top_k', 'img_size'))
+    if not timm.is_model(config['model']):
+        data_config_for(config)  # raises the ConfigError with close matches
+    weights = read_weights(weights_path)
+    net = _build(config, weights, explicit)
+    config['num_experts'] = next((m.num_experts for m in net.modules() if hasattr(m, 'num_experts')),
+                                 config['num_experts'])
+    check_state_dict(net, weights, config, str(weights_path))
+    net.load_state_dict(weights)
+    net.to(device).eval()
+    first, _ = _first_conv_and_classifier(config['model'])
+    in_chans = int(weights[f'{first}.weight'].shape[1]) if f'{first}.weight' in weights else None
+    if config_path is None and data is None:  # a bare RGB weights file is an ImageNet-style model: its mean/std
+        config['data'] = 'fashion_mnist' if in_chans == 1 else 'imagefolder'
+    data_config = data_config_for({**config, 'in_chans': in_chans or config['in_chans']})
+    label = config_path.parent.name if config_path is not None else weights_path.stem
+    return LoadedModel(label=label, model=net, config=config, data_config=data_config, checkpoint=str(weights_path))
