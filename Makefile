@@ -40,8 +40,13 @@ lint: $(STAMP)
 
 # Train a small-image V-MoE with the similarity router on Fashion-MNIST (~10 min on 2 CPU cores); prints the results
 # table and the run folder.
+# The main job on the embedded default: train a small-image V-MoE with the similarity router on Fashion-MNIST,
+# then evaluate it (clean, generated Fashion-MNIST-C, PGD/FGSM, routing) on a fixed subset of the test set.
+DEMO_RUN ?= runs/demo
 demo: setup
-	$(BIN)/python train.py -c configs/demo.yaml
+	$(BIN)/python train.py -c configs/demo.yaml --output $(dir $(DEMO_RUN)) --experiment $(notdir $(DEMO_RUN))
+	$(BIN)/python evaluate.py --checkpoint $(DEMO_RUN) --suite clean,c,adv,routing --eval-subset 100 \
+		--eps 1,4 --pgd-steps 5 --output $(DEMO_RUN)/eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache

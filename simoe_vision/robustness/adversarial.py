@@ -2,13 +2,12 @@
 
 torchattacks clamps to [0, 1], so the attack must see pixels, not normalised tensors: the model is wrapped with its
 normalisation (``PixelSpaceModel``), and the loader's normalised images are mapped back to pixels first. ``eps``
-and the step size are in 1/255 units (``eps=4`` is 4/255). The MoE balancing loss is kept out of the attack's
-gradient (``attach_aux_loss`` is switched off for the duration), so the attacker maximises the task loss only.
+and the step size are in 1/255 units (``eps=4`` is 4/255). The model runs in eval mode, where MoE layers do not attach
+their balancing loss to the backward pass, so the attacker maximises the task loss only.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torchattacks
@@ -57,20 +56,6 @@ class PixelSpaceModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.normalize(x))
-
-
-@contextlib.contextmanager
-def _task_loss_only(model: nn.Module) -> Iterator[None]:
-    """Temporarily stop MoE layers from riding their aux loss on the backward pass (it would steer the attack)."""
-    layers = [m for m in model.modules() if isinstance(getattr(m, 'attach_aux_loss', None), bool)]
-    saved = [m.attach_aux_loss for m in layers]
-    for m in layers:
-        m.attach_aux_loss = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, saved, strict=True):
-            m.attach_aux_loss = flag
 
 
 def make_attack(
@@ -124,7 +109,7 @@ def adversarial_accuracy(
     clean = robust = count = 0
     fork_devices = [device] if device.type == 'cuda' else []
     try:
-        with _task_loss_only(model), torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             for images, targets in loader:
                 if max_samples is not None and count >= max_samples:
