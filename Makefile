@@ -44,7 +44,8 @@ lint: $(STAMP)
 # then evaluate it (clean, generated Fashion-MNIST-C, PGD/FGSM, routing) on a fixed subset of the test set.
 DEMO_RUN ?= runs/demo
 demo: setup
-	$(BIN)/python train.py -c configs/demo.yaml --output $(dir $(DEMO_RUN)) --experiment $(notdir $(DEMO_RUN))
+	@if [ -f $(DEMO_RUN)/last.pt ]; then $(BIN)/python train.py --resume $(DEMO_RUN); \
+	else $(BIN)/python train.py -c configs/demo.yaml --output $(dir $(DEMO_RUN)) --experiment $(notdir $(DEMO_RUN)); fi
 	$(BIN)/python evaluate.py --checkpoint $(DEMO_RUN) --suite clean,c,adv,routing --eval-subset 100 \
 		--eps 1,4 --pgd-steps 5 --output $(DEMO_RUN)/eval
 

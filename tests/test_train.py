@@ -56,13 +56,17 @@ def rows(run_dir: Path):
     return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_outputs_and_exact_resume(fashion, tmp_path):
+def test_outputs_and_exact_resume(fashion, tmp_path, capsys):
     out = tmp_path / 'runs'
     common = TINY + ['--data-dir', fashion, '--epochs', 2, '--output', out, '--train-subset', 48]
     assert run(common + ['--experiment', 'full']) == 0
     assert run(common + ['--experiment', 'split', '--stop-after', 1]) == 0
     assert not (out / 'split' / 'results.json').exists()  # stopped early: no final test yet
     assert run(['--resume', out / 'split']) == 0  # inherits the saved config, not its stop_after
+    before = (out / 'full' / 'last.pt').read_bytes()
+    code, printed = run(common + ['--experiment', 'full'], capsys)  # a fresh run never overwrites a saved one
+    assert code == 2 and 'already holds a run; continue it with --resume' in printed.err
+    assert (out / 'full' / 'last.pt').read_bytes() == before
 
     full, split = out / 'full', out / 'split'
     a, b = load_file(full / 'last.safetensors'), load_file(split / 'last.safetensors')

@@ -324,6 +324,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if env.distributed:  # one run folder for all processes: rank 0's timestamp
                 dist.broadcast_object_list(name, src=0)
             config['experiment'] = name[0]
+            existing = Path(config['output']) / config['experiment'] / 'last.pt'
+            if existing.exists():  # never overwrite a run that was saved
+                raise ConfigError(f'{existing.parent} already holds a run; continue it with --resume '
+                                  f'{existing.parent}, or choose another --experiment/--output')
         display = Display(enabled=env.is_main, progress=config['progress'])
         results = run(config, env, display, stop)
         if results.get('stopped'):
