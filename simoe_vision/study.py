@@ -125,6 +125,7 @@ SMOKE_TRAIN = ['--model', 'vmoe_test', '--train-subset', '256', '--epochs', '1',
                '--probe-size', '32', '--workers', '0']
 SMOKE_EVAL = EvalPlan(eval_subset=32, corruptions=('gaussian_noise', 'contrast'), pgd_steps=2)
 SMOKE_ARMS = ('vmoe_softmax', 'vmoe_similarity')
+SMOKE_SEEDS = (0, 1)  # two seeds: the report's mean ± std and paired differences get exercised too
 
 
 # ---------------------------------------------------------------------------------------------------- planning --
@@ -485,14 +486,15 @@ def _family_arms(family: str, ablations: bool) -> List[Arm]:
     return [a for a in ARMS.values() if a.family == family and (a.knob is not None) == ablations]
 
 
-def _router_table(summaries: Sequence[Dict[str, Any]], arms: Sequence[Arm]) -> List[str]:
+def _router_table(summaries: Sequence[Dict[str, Any]], arms: Sequence[Arm], planned: Optional[int] = None) -> List[str]:
+    """One row per arm: 'n' is runs done / planned (``planned`` overrides each arm's seed count)."""
     metrics = _metrics(summaries)
     digits = {'fluct_40-90%': 4, 'fluct_last 30%': 4, 'agree': 3, 'load_cv': 3, 'epoch_s': 0}
     rows = []
     for arm in arms:
         group = [s for s in summaries if s['arm'] == arm.name]
         label = arm.router if arm.knob is None else f'{arm.router}, {arm.knob}'
-        rows.append([label, f'{len(group)}/{len(arm.seeds)}'] + [fmt([f(s) for s in group], digits.get(k, 2))
+        rows.append([label, f'{len(group)}/{planned or len(arm.seeds)}'] + [fmt([f(s) for s in group], digits.get(k, 2))
                                                                  for k, (_, f) in metrics.items()])
     return _table(['router', 'n'] + [title for title, _ in metrics.values()], rows)
 
@@ -630,7 +632,7 @@ def render_report(summaries: Sequence[Dict[str, Any]], docs: Path, previous: Opt
         if _family_arms(family, True):
             base = [a for a in _family_arms(family, False) if a.router == 'similarity']
             lines += [f'### {family} ablations (1 seed; baseline: similarity, tau 0.1, mix probs, alpha 1)', '',
-                      *_router_table([s for s in summaries if s['seed'] == 0], base + _family_arms(family, True)),
+                      *_router_table([s for s in summaries if s['seed'] == 0], base + _family_arms(family, True), 1),
                       '']
     maps = [(s['run'], s['expert_map']) for s in summaries if s.get('expert_map')]
     if maps:
@@ -697,7 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             runs_dir, docs = Path(args.runs_dir or 'runs/study'), Path(args.docs or 'docs')
             cache_dir, arms, plan, extra = Path(args.cache_dir), args.arms, EvalPlan(), []
-        runs = select_runs(arms, args.seeds)
+        runs = select_runs(arms, args.seeds or (list(SMOKE_SEEDS) if args.smoke else None))
         if args.command == 'plan':
             rows = plan_runs(runs, runs_dir, docs)
             for row in rows:

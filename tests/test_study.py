@@ -22,7 +22,8 @@ def _fake_run(root: Path, name: str = 'vmoe_similarity_s0', router: str = 'simil
                                                      'router_kwargs': {}, 'epochs': 4}))
     (run / 'results.json').write_text(json.dumps({'test_top1': 81.5, 'best_val_top1': 82.0, 'best_epoch': 4,
                                                   'epochs': 4, 'train_time_s': 460.0}))
-    rows = [{'epoch': e, 'epoch_time': t, 'train_images': 55000} for e, t in zip((1, 2, 3, 4), (100, 110, 120, 130))]
+    rows = [{'epoch': e, 'epoch_time': t, 'train_images': 55000}
+            for e, t in zip((1, 2, 3, 4), (100, 110, 120, 130), strict=True)]
     (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     curves = {'blocks.1.mlp': [0.4, 0.2, 0.1], 'blocks.3.mlp': [0.2, 0.2, 0.1], 'mean': [0.3, 0.2, 0.1]}
     (run / 'fluctuation.json').write_text(json.dumps({'epochs': [1, 2, 3, 4], 'curves': curves,
@@ -225,7 +226,9 @@ def test_report_tables_conclusions_missing_runs_and_human_text(tmp_path):
         _write_summary(docs, _summary(source, 'vmoe_similarity', seed, test_top1=top1))
     path = study.write_report(docs)
     text = path.read_text()
-    assert 'Runs missing: vmoe_attention_s0, vmoe_attention_s1, vmoe_softmax_s2,' in text and '4 of 16 runs done' in text
+    assert 'Runs missing: vmoe_attention_s0, vmoe_attention_s1, vmoe_softmax_s2,' in text
+    assert '4 of 16 runs done' in text
+    assert '| similarity | 1/1 | 81.00 |' in text and '| similarity, tau=0.05 | 0/1 | – |' in text  # ablations: seed 0
     # softmax 80, 82 -> 81.00 ± 1.41; similarity 81, 81 -> 81.00 ± 0.00; 2 of 3 seeds
     assert '| softmax | 2/3 | 81.00 ± 1.41 |' in text
     assert '| similarity | 2/3 | 81.00 ± 0.00 |' in text
@@ -251,3 +254,15 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert 'unknown arm(s) nope' in capsys.readouterr().err
     assert study.main(['run', '--smoke', '--docs', str(tmp_path)]) == 2
     assert '--smoke writes to a temporary folder' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end(tmp_path, monkeypatch, capsys):
+    """The real pipeline (train.py and evaluate.py subprocesses) on vmoe_test, in a temporary folder (~1-2 min)."""
+    monkeypatch.setattr('tempfile.tempdir', str(tmp_path))
+    assert study.main(['run', '--smoke', '--seeds', '0']) == 0
+    root = next(tmp_path.glob('simoe-study-smoke-*'))
+    summaries = study.load_summaries(root / 'docs')
+    assert [s['run'] for s in summaries] == ['vmoe_similarity_s0', 'vmoe_softmax_s0']
+    assert summaries[0]['corruption']['relative_mce'] > 0 and summaries[0]['eval']['images'] == 32
+    assert 'vmoe similarity − softmax, test top-1' in (root / 'docs' / 'results.md').read_text()
