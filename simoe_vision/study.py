@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from .robustness import CORRUPTIONS, mean_corruption_error
+from .robustness import CORRUPTIONS, SEVERITIES, mean_corruption_error
 
 __all__ = ['ARMS', 'Arm', 'EvalPlan', 'Run', 'StudyError', 'fits_budget', 'main', 'mean_std', 'paired_deltas',
            'plan_runs', 'relative_mce', 'render_report', 'run_status', 'summarize_run', 'window_mean']
@@ -466,7 +466,8 @@ def _metrics(summaries: Sequence[Dict[str, Any]]) -> Dict[str, tuple[str, Callab
         'mce': ('mCE, unnorm. (%)', lambda s: s['corruption']['mce']),
         'rel_mce': ('mCE vs softmax (%)', _rel_mce(summaries)),
     }
-    eps = sorted({e for s in summaries for e in s['adversarial'].get('pgd', {})}, key=float)
+    planned = {f'{e:g}' for e in EvalPlan().eps}
+    eps = sorted(planned | {e for s in summaries for e in s['adversarial'].get('pgd', {})}, key=float)
     for e in eps:
         out[f'pgd_{e}'] = (f'PGD {e}/255 top-1 (%)', lambda s, e=e: s['adversarial'].get('pgd', {}).get(e))
     for name in FLUCTUATION_WINDOWS:
@@ -500,7 +501,7 @@ def _router_table(summaries: Sequence[Dict[str, Any]], arms: Sequence[Arm], plan
 
 
 def _severity_table(summaries: Sequence[Dict[str, Any]], arms: Sequence[Arm], key: str) -> List[str]:
-    severities = sorted({int(x) for s in summaries for x in s['corruption']['per_severity']})
+    severities = sorted(set(SEVERITIES) | {int(x) for s in summaries for x in s['corruption']['per_severity']})
     rows = []
     for arm in arms:
         group = [s for s in summaries if s['arm'] == arm.name]
@@ -596,6 +597,15 @@ def _human_section(previous: Optional[str]) -> str:
                       'and do not support, with their uncertainty._', HUMAN_END])
 
 
+def _command_templates() -> List[str]:
+    """The train and evaluate commands of a run of arm A with seed S (the defaults of ``run``)."""
+    run, runs_dir = Run(Arm('A', 'F', 'similarity', ()), 0), REPO / 'runs' / 'study'
+    train = _command_text(train_command(run, runs_dir, False))
+    evaluate = _command_text(eval_command(run, runs_dir, EvalPlan(), REPO / 'data' / 'cache' / 'corruptions'))
+    reference = ' [--reference runs/study/F_softmax_sS/eval/results.json]'
+    return [train.replace('--seed 0', '--seed S').replace('A_s0', 'A_sS'), evaluate.replace('A_s0', 'A_sS') + reference]
+
+
 def render_report(summaries: Sequence[Dict[str, Any]], docs: Path, previous: Optional[str] = None) -> str:
     """``docs/results.md`` from the run summaries (figures are written to ``docs/results/``)."""
     expected = [r.name for r in select_runs()]
@@ -642,10 +652,16 @@ def render_report(summaries: Sequence[Dict[str, Any]], docs: Path, previous: Opt
     lines += ['## Mechanical comparison (paired by seed)', '', *_conclusions(summaries), '',
               '## Conclusion', '', _human_section(previous), '', '## Commands', '',
               'Everything: `python -m simoe_vision.study run --budget-minutes 150` (repeat per session; commit '
-              '`docs/results/` after each), then `python -m simoe_vision.study report`. Per run:', '', '```']
-    for s in summaries:
-        lines += [f'# {s["run"]}', *s['commands']]
-    lines += ['```', '', '## Hardware and wall time', '']
+              '`docs/results/` after each), then `python -m simoe_vision.study report`. Each run (arm A, seed S) is:',
+              '', '```', *_command_templates(), '```', '']
+    if summaries:
+        lines += ['The commands of each finished run, as recorded:', '', '```']
+        for s in summaries:
+            lines += [f'# {s["run"]}', *s['commands']]
+        lines += ['```', '']
+    lines += ['## Hardware and wall time', '']
+    if not summaries:
+        return '\n'.join(lines + ['No runs yet.', ''])
     rows = [[s['run'], s['hardware']['cpu'], str(s['hardware']['cpu_count']), s['hardware']['torch'],
              f'{s["timing"]["epoch_s"]:.0f}', f'{s["timing"]["wall_s"] / 60:.1f}'] for s in summaries]
     lines += _table(['run', 'CPU', 'cores', 'torch', 's / epoch', 'wall (min)'], rows)
