@@ -43,7 +43,9 @@ HUMAN_END = '<!-- END HUMAN CONCLUSION -->'
 FLUCTUATION_WINDOWS = {'40-90%': (0.4, 0.9), 'last 30%': (0.7, 1.0)}
 # Training throughput on 2 idle CPU cores (images/s, batch 128), for time estimates before any run of the arm exists.
 IMAGES_PER_SECOND = {'vmoe_nano_patch4_32': 250.0, 'swin_moe_nano_patch2_window4_32': 95.0}
-EVAL_SECONDS = 300.0  # evaluate.py with the study's EvalPlan on vmoe_nano (2 idle cores), corruption cache built
+# evaluate.py with the study's EvalPlan (2 idle cores, corruption cache already built).
+EVAL_SECONDS = {'vmoe_nano_patch4_32': 300.0, 'swin_moe_nano_patch2_window4_32': 600.0}
+OVERHEAD_SECONDS = 60.0  # train.py start-up, data loading and its final test-set evaluation
 
 
 class StudyError(ValueError):
@@ -163,22 +165,22 @@ def _epochs_done(run_dir: Path) -> int:
 
 
 def estimate_seconds(run: Run, runs_dir: Path, summaries: Sequence[Dict[str, Any]]) -> float:
-    """Expected remaining seconds of a run: the mean measured wall time of the arm's finished runs when there are
-    any, else epochs x training images / ``IMAGES_PER_SECOND`` + ``EVAL_SECONDS``; a partial run only counts its
-    remaining epochs."""
+    """Expected remaining seconds of a run: epochs left x seconds per epoch + evaluation + ``OVERHEAD_SECONDS``.
+
+    Seconds per epoch and evaluation come from the finished runs of the same arm, else of the same model family,
+    else from ``IMAGES_PER_SECOND`` and ``EVAL_SECONDS``; a partial run only counts the epochs it has left."""
     config = load_arm_config(run.arm)
-    epochs = config['epochs']
-    measured = [s['timing']['train_s'] / s['epochs'] for s in summaries
-                if s['arm'] == run.arm.name and s['timing'].get('train_s')]
-    evals = [s['timing']['eval_s'] for s in summaries if s['arm'] == run.arm.name and s['timing'].get('eval_s')]
-    if measured:
-        per_epoch = sum(measured) / len(measured)
-    else:
+    same_arm = [s for s in summaries if s['arm'] == run.arm.name]
+    same_family = [s for s in summaries if s['arm'] in ARMS and ARMS[s['arm']].family == run.arm.family]
+    measured = same_arm or same_family
+    per_epoch = _mean([s['timing']['train_s'] / s['epochs'] for s in measured if s['timing'].get('train_s')])
+    if per_epoch is None:
         images = config.get('train_subset') or 60000 - config.get('val_size', 5000)
-        per_epoch = images / IMAGES_PER_SECOND.get(config['model'], IMAGES_PER_SECOND['vmoe_nano_patch4_32'])
-    eval_s = sum(evals) / len(evals) if evals else EVAL_SECONDS
-    remaining = max(epochs - _epochs_done(runs_dir / run.name), 0)
-    return remaining * per_epoch + eval_s
+        per_epoch = images / IMAGES_PER_SECOND[config['model']]
+    eval_s = _mean([s['timing']['eval_s'] for s in measured if s['timing'].get('eval_s')])
+    remaining = max(config['epochs'] - _epochs_done(runs_dir / run.name), 0)
+    return remaining * per_epoch + (eval_s if eval_s is not None else EVAL_SECONDS[config['model']]) \
+        + OVERHEAD_SECONDS
 
 
 def fits_budget(elapsed_s: float, estimate_s: float, budget_s: Optional[float]) -> bool:

@@ -150,13 +150,19 @@ def test_plan_statuses_and_estimates(tmp_path):
     (partial / 'metrics.jsonl').write_text('{"epoch": 1}\n{"epoch": 2}\n')
     rows = {r['run']: r for r in study.plan_runs(study.select_runs(), runs_dir, docs)}
     assert rows['vmoe_softmax_s0'] == {'run': 'vmoe_softmax_s0', 'status': 'done', 'estimate_s': 0.0}
-    # partial: 2 of 4 epochs left at 55000 / 250 = 220 s each, + 300 s evaluation = 740 s
+    # partial: 2 of 4 epochs left at the V-MoE family's measured 460 / 4 = 115 s each, + 50 s evaluation + 60 s = 340 s
     assert rows['vmoe_similarity_s0']['status'] == 'partial'
-    assert rows['vmoe_similarity_s0']['estimate_s'] == pytest.approx(740.0)
-    # todo, no finished run of the arm: 4 x 220 + 300 = 1180 s
-    assert rows['vmoe_attention_s0'] == {'run': 'vmoe_attention_s0', 'status': 'todo', 'estimate_s': 1180.0}
-    # todo with a finished run of the same arm: its measured 460 s / 4 epochs x 4 + its 50 s evaluation = 510 s
-    assert rows['vmoe_softmax_s1']['estimate_s'] == pytest.approx(510.0)
+    assert rows['vmoe_similarity_s0']['estimate_s'] == pytest.approx(340.0)
+    # todo with a finished run of the same arm: its measured 460 s / 4 epochs x 4 + its 50 s evaluation + 60 = 570 s
+    assert rows['vmoe_softmax_s1']['estimate_s'] == pytest.approx(570.0)
+    # no run of the arm yet: the V-MoE family's measurement (vmoe_softmax_s0) stands in
+    assert rows['vmoe_attention_s0'] == {'run': 'vmoe_attention_s0', 'status': 'todo', 'estimate_s': 570.0}
+
+
+def test_estimate_without_measurements():
+    # 4 epochs x 55000 / 250 img/s = 880 s + 300 s evaluation + 60 s overhead = 1240 s
+    run = study.select_runs(['vmoe_attention'], [0])[0]
+    assert study.estimate_seconds(run, Path('/nonexistent'), []) == pytest.approx(1240.0)
 
 
 def test_run_stops_before_a_run_that_would_exceed_the_budget(tmp_path):
@@ -168,11 +174,12 @@ def test_run_stops_before_a_run_that_would_exceed_the_budget(tmp_path):
     def execute(run, runs_dir_, docs_, plan, cache_dir, extra, log):
         executed.append(run.name)
         _write_summary(docs_, _summary(source, run.arm.name, run.seed))
-        now[0] += 1180.0  # the run took as long as estimated
+        now[0] += 1500.0  # each run takes 1500 s of the session's clock
 
     runs = study.select_runs(['vmoe_softmax', 'vmoe_similarity'], [0])
     logs = []
-    # budget 2000 s: first run ~1180 s fits; then 1180 + 1180 > 2000 -> stop before vmoe_similarity_s0
+    # budget 2000 s: the first run's estimate (4 x 220 + 300 + 60 = 1240 s) fits; after it, 1500 s have passed and the
+    # next one, estimated from the finished V-MoE run at 460 + 50 + 60 = 570 s, would end at 2070 s > 2000: stop
     done = study.run_study(runs, runs_dir, docs, 2000.0, study.EvalPlan(), tmp_path / 'cache', log=logs.append,
                            clock=lambda: now[0], execute=execute)
     assert done == executed == ['vmoe_softmax_s0']
