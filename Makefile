@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data test test-all lint demo clean
+.PHONY: setup data test test-all lint demo study clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ demo: setup
 	else $(BIN)/python train.py -c configs/demo.yaml --output $(dir $(DEMO_RUN)) --experiment $(notdir $(DEMO_RUN)); fi
 	$(BIN)/python evaluate.py --checkpoint $(DEMO_RUN) --suite clean,c,adv,routing --eval-subset 100 \
 		--eps 1,4 --pgd-steps 5 --output $(DEMO_RUN)/eval
+
+# The small-scale study behind docs/results.md: runs what fits in STUDY_BUDGET minutes, resumable across sessions.
+STUDY_BUDGET ?= 150
+study: setup
+	$(BIN)/python -m simoe_vision.study run --budget-minutes $(STUDY_BUDGET)
+	$(BIN)/python -m simoe_vision.study plan
 
 clean:
 	rm -rf $(VENV) .pytest_cache
