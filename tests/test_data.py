@@ -1,11 +1,11 @@
 """Data package: idx parsing, dataset discovery and its errors, robust image folders, transforms, loaders."""
 import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures import idx_bytes
 from PIL import Image
 
 from simoe_vision.data import (
@@ -33,11 +33,6 @@ NAMES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The idx encoding: 0x0000, type 0x08 (ubyte), ndim, big-endian int32 dims, raw bytes."""
-    return struct.pack('>HBB', 0, 0x08, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape) + array.tobytes()
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fixtures import TINY, idx_gz
 from PIL import Image
 from safetensors.torch import save_file
-from test_train import TINY, idx_gz
 
 from simoe_vision.engine import main as train_main
 from simoe_vision.evaluation import (

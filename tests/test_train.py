@@ -1,9 +1,7 @@
 """train.py end to end on tiny data: outputs, exact resume, checkpoints, faults, signals and a 2-process DDP run."""
-import gzip
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from fixtures import TINY, idx_gz
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,18 +21,8 @@ from simoe_vision.engine import checkpoint as checkpoint_mod
 from simoe_vision.engine import loop as loop_mod
 
 ROOT = Path(__file__).resolve().parents[1]
-# vmoe_test (2 blocks, 1 MoE layer), 4 steps of 16 per epoch on 80 - 16 (val) training images, in-process loading
-TINY = ['--model', 'vmoe_test', '--num-experts', '4', '--batch-size', '16', '--val-size', '16', '--probe-size', '8',
-        '--workers', '0', '--no-progress', '--warmup-epochs', '0.5']
 LAYER = 'blocks.1.mlp'
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', NO_ALBUMENTATIONS_UPDATE='1', OMP_NUM_THREADS='1')
-
-
-def idx_gz(path: Path, array: np.ndarray) -> None:
-    """idx format: 0x0000, type 0x08 (ubyte), ndim, big-endian int32 dims, then the raw bytes; gzipped."""
-    header = struct.pack('>HBB', 0, 0x08, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
-    with gzip.open(path, 'wb') as f:
-        f.write(header + array.tobytes())
 
 
 @pytest.fixture(scope='module')
