@@ -52,12 +52,11 @@ def _resolve(directory: Path, name: str) -> Optional[Path]:
 
 
 def _candidate_dirs(data_dir: Optional[str | Path]) -> list[Path]:
-    dirs = []
-    if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        dirs += [root, root / 'FashionMNIST' / 'raw', root / 'raw']
-    dirs.append(DEBIAN_DIR)
-    return dirs
+    """An explicit ``data_dir`` is the only place searched (never silently swapped for another copy)."""
+    if data_dir is None:
+        return [DEBIAN_DIR]
+    root = Path(data_dir).expanduser()
+    return [root, root / 'FashionMNIST' / 'raw', root / 'raw']
 
 
 def find_fashion_mnist(data_dir: Optional[str | Path] = None) -> Path:
