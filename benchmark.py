@@ -370,9 +370,10 @@ def markdown(rows: List[Dict[str, Any]], header: str) -> str:
 
 def print_tables(rows: List[Dict[str, Any]], use_rich: bool) -> None:
     if use_rich:
-        from rich.console import Console
         from rich.table import Table
-        console = Console(width=None if sys.stdout.isatty() else 160)
+
+        from simoe_vision.engine.display import make_console
+        console = make_console()
         for suite, (cols, body) in tables(rows).items():
             table = Table(title=suite)
             for c in cols:

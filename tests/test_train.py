@@ -258,3 +258,12 @@ def test_fluctuation_report_by_hand():
     # last change: token 0 and 3 never (epoch 1), token 1 at epoch 2, token 2 at epoch 3 -> counts 2, 1, 1
     dist = report['last_fluctuation_epoch']
     assert dist['count'] == [2, 1, 1] and dist['cdf'] == [0.5, 0.75, 1.0] and dist['tokens'] == 4
+
+
+def test_epoch_table_is_not_cut_in_logs(capsys):
+    from simoe_vision.engine.display import EPOCH_COLUMNS, Display
+    row = {'epoch': 3, 'train_loss': 0.81234, 'val_top1': 85.5, 'fluctuation': 0.01234, 'lr': 1e-4, 'epoch_time': 98.7}
+    Display().epoch_table(row, total_epochs=9)
+    out = capsys.readouterr().out  # captured output is not a terminal: no 80-column cut like rich's default
+    assert all(title in out for _, title, _ in EPOCH_COLUMNS)
+    assert '0.8123' in out and '85.50' in out and '1.00e-04' in out and '…' not in out

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ['EPOCH_COLUMNS', 'Display']
+__all__ = ['EPOCH_COLUMNS', 'Display', 'make_console']
 
 # (metrics key, column title, format) of the per-epoch table
 EPOCH_COLUMNS = (
@@ -31,13 +31,19 @@ def _fmt(fmt: str, value: Any) -> str:
     return fmt.format(value)
 
 
+def make_console() -> Console:
+    """A rich console; in logs and pipes 160 columns wide, so tables are not cut to rich's default of 80."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 class Display:
     """Progress bars and tables on rank 0; every method is a no-op when ``enabled`` is false (other ranks)."""
 
     def __init__(self, enabled: bool = True, progress: bool = True, console: Optional[Console] = None) -> None:
         self.enabled = enabled
         self.show_progress = enabled and progress
-        self.console = console or Console()
+        self.console = console or make_console()
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.enabled:

@@ -20,6 +20,7 @@ from rich.console import Console
 from ..data import DatasetNotFoundError, IdxFormatError
 from ..engine.checkpoint import CheckpointError
 from ..engine.config import ConfigError
+from ..engine.display import make_console
 from ..metrics import RoutingRecorder
 from ..robustness import ATTACKS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, validate_imagenet_c
 from .expert_maps import save_expert_maps
@@ -286,9 +287,7 @@ def run(args: argparse.Namespace, console: Console) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``evaluate.py``; returns 0, or 2 with one ``error:`` message for anything the user can fix."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: wide enough for the summary table instead of rich's 80 columns
-        console = Console(width=160)
+    console = make_console()
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
