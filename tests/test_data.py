@@ -256,6 +256,21 @@ def test_train_transforms_reseed_is_deterministic():
     assert not all(torch.equal(first[0], x) for x in first[1:])  # the crop/flip does vary
 
 
+def test_train_transforms_crop_padding():
+    image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    config = {'input_size': (1, 28, 28), 'mean': FASHION_MNIST_MEAN, 'std': FASHION_MNIST_STD, 'crop_pct': 1.0}
+    plain = eval_transforms(config)(image)
+    no_crop = train_transforms(28, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, hflip=0.0, crop_padding=0)
+    assert all(torch.equal(no_crop(image), plain) for _ in range(4))  # 0: no crop, only normalisation
+    shifted = train_transforms(28, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, hflip=0.0, crop_padding=2)
+    shifted.reseed(0)
+    outs = [shifted(image) for _ in range(8)]
+    assert not all(torch.equal(o, plain) for o in outs)
+    for out in outs:  # each is the image shifted by at most 2 px: some 24x24 window of it is unchanged
+        assert any(torch.equal(out[0, 2 + dy:26 + dy, 2 + dx:26 + dx], plain[0, 2:26, 2:26])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+
 def test_eval_transforms_pad_and_normalise():
     # Fashion-MNIST: a white 28x28 image is centre-padded with 2 black pixels to 32x32, then normalised:
     # white: (1 - 0.2860) / 0.3530 = 0.714 / 0.353 = 2.022663; black border: -0.2860 / 0.3530 = -0.810198.

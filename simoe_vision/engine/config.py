@@ -169,6 +169,8 @@ OPTIONS: Dict[str, Option] = {
                            requirement='>= 0'),
     'scale': Option(_float_pair, [0.08, 1.0], 'random-resized-crop scale range (large images)',
                     check=lambda v: 0 < v[0] <= v[1] <= 1, requirement='0 < min <= max <= 1'),
+    'crop_padding': Option(_optional(_int), None, 'small images: zero-pad by this many px and random-crop back '
+                           '(default: side // 8; 0: no crop)', check=_non_negative, requirement='>= 0'),
     'mixup': Option(_float, 0.0, 'mixup alpha (0: off)', check=_non_negative, requirement='>= 0'),
     'cutmix': Option(_float, 0.0, 'cutmix alpha (0: off)', check=_non_negative, requirement='>= 0'),
     'mixup_prob': Option(_float, 1.0, 'probability of applying mixup/cutmix to a batch', check=_probability,

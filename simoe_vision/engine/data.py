@@ -67,7 +67,7 @@ def build_run_data(config: Dict[str, Any], env: DistEnv) -> RunData:
     in_chans, side = data_config['input_size'][0], data_config['input_size'][-1]
     train_tf = train_transforms(side, in_chans, data_config['mean'], data_config['std'], scale=tuple(config['scale']),
                                 hflip=config['hflip'], color_jitter=config['color_jitter'],
-                                interpolation=data_config['interpolation'])
+                                crop_padding=config['crop_padding'], interpolation=data_config['interpolation'])
     eval_tf = eval_transforms(data_config)
     common = dict(name=config['data'], data_dir=config['data_dir'], strict=config['strict_data'],
                   val_size=config['val_size'], split_seed=config['split_seed'])
