@@ -1,7 +1,14 @@
 """Training config: defaults < YAML < command line, and one clear error naming a bad key or value."""
+from pathlib import Path
+
 import pytest
+import timm
+import torch
+
+import simoe_vision  # noqa: F401  (registers the models)
 
 from simoe_vision.engine import OPTIONS, ConfigError, load_yaml, parse_config, parse_kwargs, save_config
+from simoe_vision.engine.runner import _build_model
 
 
 def test_precedence_defaults_yaml_cli(tmp_path):
@@ -55,6 +62,8 @@ def test_unknown_yaml_key_names_close_match(tmp_path):
     (['--val-size', '1.5'], r'val_size: must be a positive count or a fraction'),
     (['--data', 'imagefolder'], r'data_dir is required'),
     (['--router-kwargs', 'tau'], r'router_kwargs: expected a JSON object or comma-separated key=value'),
+    (['--no-progress', 'false'], r'--no-progress is a switch and takes no value: use --progress or --no-progress'),
+    (['--epochs', '2', 'extra'], r"unexpected argument 'extra'; options are --key value pairs"),
 ])
 def test_bad_values_name_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -68,3 +77,24 @@ def test_bad_yaml_value_and_missing_file(tmp_path):
         load_yaml(cfg)
     with pytest.raises(ConfigError, match='does not exist'):
         load_yaml(tmp_path / 'none.yaml')
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.yaml'))
+
+
+@pytest.mark.parametrize('path', SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_resolve(path):
+    config = parse_config(['-c', str(path)])
+    assert timm.is_model(config['model']), config['model']
+
+
+@pytest.mark.parametrize('path', [p for p in SHIPPED if not p.stem.startswith('imagenet')],
+                         ids=[p.stem for p in SHIPPED if not p.stem.startswith('imagenet')])
+def test_small_image_configs_build_their_model(path):
+    config = parse_config(['-c', str(path)])
+    model = _build_model(config, num_classes=10, in_chans=1).eval()
+    side = config['img_size'] or model.pretrained_cfg['input_size'][-1]
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, side, side)).shape == (2, 10)
+    if path.stem == 'demo':
+        assert model.patch_embed.num_patches == 16  # 7 px patches on the native 28 px images

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -279,6 +280,12 @@ def parse_config(argv: Optional[Sequence[str]] = None, base: Optional[Dict[str, 
         flag = unknown[0].split('=')[0]
         if flag.startswith('--'):
             _fail_unknown(flag[2:].replace('-', '_'), 'the command line')
+        argv = list(argv if argv is not None else sys.argv[1:])
+        before = argv[argv.index(unknown[0]) - 1] if unknown[0] in argv[1:] else ''
+        switch = before.lstrip('-').replace('-', '_').removeprefix('no_')
+        if before.startswith('--') and switch in OPTIONS and OPTIONS[switch].convert is _bool:
+            raise ConfigError(f'{before} is a switch and takes no value: use --{switch.replace("_", "-")} or '
+                              f'--no-{switch.replace("_", "-")}')
         raise ConfigError(f'unexpected argument {unknown[0]!r}; options are --key value pairs')
     config = {key: option.default for key, option in OPTIONS.items()}
     for key, value in (base or {}).items():
