@@ -41,12 +41,13 @@ SUMMARY_VERSION = 1
 HUMAN_BEGIN = '<!-- BEGIN HUMAN CONCLUSION (kept when the report is regenerated) -->'
 HUMAN_END = '<!-- END HUMAN CONCLUSION -->'
 FLUCTUATION_WINDOWS = {'40-90%': (0.4, 0.9), 'last 30%': (0.7, 1.0)}
-# Training throughput on 2 idle CPU cores (images/s, batch 128), for time estimates before a run of the family exists:
-# V-MoE nano measured (~3.7 min per 55000-image epoch); Swin-MoE nano assumed from its 0.7-0.8x speed ratio.
-IMAGES_PER_SECOND = {'vmoe_nano_patch4_32': 250.0, 'swin_moe_nano_patch2_window4_32': 150.0}
+# Training throughput on 2 idle CPU cores (images/s in train.py), for time estimates before a run of the family
+# exists: V-MoE nano with the demo recipe (16 tokens, batch 128) measured ~780 img/s; Swin-MoE nano (256 tokens in its
+# first stage) assumed from a 0.7-0.8x speed ratio to the 65-token V-MoE nano. Measured runs replace these.
+IMAGES_PER_SECOND = {'vmoe_nano_patch4_32': 780.0, 'swin_moe_nano_patch2_window4_32': 150.0}
 # evaluate.py with the study's EvalPlan (2 idle cores, corruption cache already built): ~77000 forward passes and
-# ~22000 attack steps, estimated from the training speed and rounded up; measured runs replace these.
-EVAL_SECONDS = {'vmoe_nano_patch4_32': 300.0, 'swin_moe_nano_patch2_window4_32': 500.0}
+# ~22000 attack steps, estimated from the training speed and rounded up.
+EVAL_SECONDS = {'vmoe_nano_patch4_32': 150.0, 'swin_moe_nano_patch2_window4_32': 500.0}
 OVERHEAD_SECONDS = 60.0  # train.py start-up, data loading and its final test-set evaluation
 
 
