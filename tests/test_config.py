@@ -6,7 +6,6 @@ import timm
 import torch
 
 import simoe_vision  # noqa: F401  (registers the models)
-
 from simoe_vision.engine import OPTIONS, ConfigError, load_yaml, parse_config, parse_kwargs, save_config
 from simoe_vision.engine.runner import _build_model
 
