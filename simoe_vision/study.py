@@ -42,8 +42,9 @@ HUMAN_BEGIN = '<!-- BEGIN HUMAN CONCLUSION (kept when the report is regenerated)
 HUMAN_END = '<!-- END HUMAN CONCLUSION -->'
 FLUCTUATION_WINDOWS = {'40-90%': (0.4, 0.9), 'last 30%': (0.7, 1.0)}
 # Training throughput on 2 idle CPU cores (images/s in train.py), for time estimates before a run of the family
-# exists: V-MoE nano with the demo recipe (16 tokens, batch 128) measured ~780 img/s; Swin-MoE nano (256 tokens in its
-# first stage) assumed from a 0.7-0.8x speed ratio to the 65-token V-MoE nano. Measured runs replace these.
+# exists: V-MoE nano with the demo recipe (16 tokens, batch 128) measured ~780 img/s with MoE in blocks 1/3/5 (the
+# last-2 layout is faster, so estimates err long); Swin-MoE nano (256 tokens in its first stage) assumed from a
+# 0.7-0.8x speed ratio to the 65-token V-MoE nano. Measured runs replace these.
 IMAGES_PER_SECOND = {'vmoe_nano_patch4_32': 780.0, 'swin_moe_nano_patch2_window4_32': 150.0}
 # evaluate.py with the study's EvalPlan (2 idle cores, corruption cache already built): ~77000 forward passes and
 # ~22000 attack steps, estimated from the training speed and rounded up.

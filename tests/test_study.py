@@ -150,20 +150,20 @@ def test_plan_statuses_and_estimates(tmp_path):
     (partial / 'metrics.jsonl').write_text('{"epoch": 1}\n{"epoch": 2}\n')
     rows = {r['run']: r for r in study.plan_runs(study.select_runs(), runs_dir, docs)}
     assert rows['vmoe_softmax_s0'] == {'run': 'vmoe_softmax_s0', 'status': 'done', 'estimate_s': 0.0}
-    # partial: 10 of 12 epochs left at the V-MoE family's measured 460 / 4 = 115 s each, + 50 s evaluation + 60 s
-    # = 1260 s
+    # partial: 8 of 10 epochs left at the V-MoE family's measured 460 / 4 = 115 s each, + 50 s evaluation + 60 s
+    # = 1030 s
     assert rows['vmoe_similarity_s0']['status'] == 'partial'
-    assert rows['vmoe_similarity_s0']['estimate_s'] == pytest.approx(1260.0)
-    # todo with a finished run of the same arm: its measured 460 s / 4 epochs x 12 + its 50 s evaluation + 60 = 1490 s
-    assert rows['vmoe_softmax_s1']['estimate_s'] == pytest.approx(1490.0)
+    assert rows['vmoe_similarity_s0']['estimate_s'] == pytest.approx(1030.0)
+    # todo with a finished run of the same arm: its measured 460 s / 4 epochs x 10 + its 50 s evaluation + 60 = 1260 s
+    assert rows['vmoe_softmax_s1']['estimate_s'] == pytest.approx(1260.0)
     # no run of the arm yet: the V-MoE family's measurement (vmoe_softmax_s0) stands in
-    assert rows['vmoe_attention_s0'] == {'run': 'vmoe_attention_s0', 'status': 'todo', 'estimate_s': 1490.0}
+    assert rows['vmoe_attention_s0'] == {'run': 'vmoe_attention_s0', 'status': 'todo', 'estimate_s': 1260.0}
 
 
 def test_estimate_without_measurements():
-    # 12 epochs x 55000 / 780 img/s = 846.15 s + 150 s evaluation + 60 s overhead = 1056.15 s
+    # 10 epochs x 55000 / 780 img/s = 705.1 s + 150 s evaluation + 60 s overhead = 915.1 s
     run = study.select_runs(['vmoe_attention'], [0])[0]
-    assert study.estimate_seconds(run, Path('/nonexistent'), []) == pytest.approx(12 * 55000 / 780 + 150 + 60)
+    assert study.estimate_seconds(run, Path('/nonexistent'), []) == pytest.approx(10 * 55000 / 780 + 150 + 60)
 
 
 def test_run_stops_before_a_run_that_would_exceed_the_budget(tmp_path):
