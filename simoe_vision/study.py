@@ -626,8 +626,9 @@ def render_report(summaries: Sequence[Dict[str, Any]], docs: Path, previous: Opt
     else:
         lines += [f'All {len(expected)} runs done.', '']
     lines += ['## Setup', '',
-              'Fashion-MNIST (28 px, padded to 32): 5000 training images held out for model selection (best epoch on '
-              'validation; the test set is used for the reported numbers only). Everything equal across routers but '
+              'Fashion-MNIST (28 px: native for the V-MoE arms with 7 px patches, zero-padded to 32 for Swin-MoE): '
+              '5000 training images held out for model selection (best epoch on validation; the test set is used for '
+              'the reported numbers only). Everything equal across routers but '
               'the router. Evaluation: `evaluate.py` on a fixed seeded subset of the test set (see the commands), '
               'corruptions generated at 5 severities, FGSM/PGD L-inf attacks, clean-vs-corrupted routing agreement. '
               'Values are mean ± sample std over seeds; `n` is seeds done / planned. Test top-1 is on the full 10000 '
