@@ -155,9 +155,22 @@ def test_patch_grid_drops_class_token():
         patch_grid(top1, num_prefix_tokens=0)
 
 
+def test_weights_file_carries_its_run_config(runs, tmp_path):
+    weights = tmp_path / 'copied.safetensors'
+    shutil.copy(runs['sim'] / 'best.safetensors', weights)  # no config.yaml beside it: the metadata has the config
+    loaded = load_model(weights)
+    assert (loaded.label, loaded.config['model'], loaded.router, loaded.config['num_experts']) == \
+        ('copied', 'vmoe_test', 'similarity', 4)
+    run = load_model(runs['sim'])
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), run.model(x), rtol=0, atol=0)
+    assert load_model(weights, router='softmax').router == 'softmax'  # an explicit flag still wins
+
+
 def test_weights_file_loads_with_flags_and_mismatch_is_one_message(runs, tmp_path, capsys):
-    weights = tmp_path / 'sim.safetensors'
-    shutil.copy(runs['sim'] / 'best.safetensors', weights)  # no config.yaml beside it
+    weights = tmp_path / 'sim.safetensors'  # a state dict without train.py's metadata (e.g. saved by hand)
+    save_file(load_model(runs['sim']).model.state_dict(), weights)
     loaded = load_model(weights, model='vmoe_test', router='similarity', model_kwargs={'num_experts': 4})
     assert (loaded.label, loaded.router, loaded.config['num_experts']) == ('sim', 'similarity', 4)
     code, cap = evaluate(['--checkpoint', weights, '--model', 'vmoe_test', '--model-kwargs', '{"num_experts": 8}',
@@ -167,7 +180,8 @@ def test_weights_file_loads_with_flags_and_mismatch_is_one_message(runs, tmp_pat
     assert 'blocks.1.mlp.router.gate.weight (4, 32) vs model (8, 32)' in cap.err
     assert 'a different num_experts (the model was built with 8 experts)' in cap.err
     code, cap = evaluate(['--checkpoint', weights, '--output', tmp_path / 'o'], capsys)
-    assert code == 2 and 'has no config.yaml beside it: pass --model' in cap.err
+    assert code == 2 and 'has no config.yaml beside it and no train.py run config in its metadata: pass --model' \
+        in cap.err
 
 
 def test_missing_imagenet_c_folders_listed_in_one_error(runs, tmp_path, capsys):

@@ -1,12 +1,14 @@
 """Checkpoints: model weights as safetensors plus a ``weights_only``-loadable training state, written atomically.
 
-A checkpoint ``TAG`` is the pair ``TAG.safetensors`` (model weights, with the epoch in its metadata) and ``TAG.pt``
-(optimizer, scheduler, epoch, RNG states, fluctuation tracker, best metric, EMA). Each file is written to a temporary
-file in the same folder and moved into place with ``os.replace``, so a crash mid-write leaves the previous
-checkpoint untouched. The ``.pt`` is written last and names its epoch, so a mismatched pair is detected on load.
+A checkpoint ``TAG`` is the pair ``TAG.safetensors`` (model weights; the epoch and the run config in its metadata) and
+``TAG.pt`` (optimizer, scheduler, epoch, RNG states, fluctuation tracker, best metric, EMA). Each file is written to
+a temporary file in the same folder and moved into place with ``os.replace``, so a crash mid-write leaves the
+previous checkpoint untouched. The ``.pt`` is written last and names its epoch, so a mismatched pair is detected on
+load.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -20,7 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = ['CheckpointError', 'atomic_write', 'capture_rng', 'load_checkpoint', 'resolve_checkpoint',
-           'restore_rng', 'save_checkpoint', 'save_weights']
+           'restore_rng', 'save_checkpoint', 'save_weights', 'saved_config']
+
+
+CONFIG_METADATA_KEY = 'simoe_vision.config'
 
 
 class CheckpointError(ValueError):
@@ -69,16 +74,32 @@ def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to('cpu').contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_weights(model: nn.Module, path: str | Path, epoch: int) -> None:
-    """Model weights as safetensors, atomically, with ``epoch`` in the metadata."""
+def save_weights(model: nn.Module, path: str | Path, epoch: int, config: Optional[Dict[str, Any]] = None) -> None:
+    """Model weights as safetensors, atomically, with ``epoch`` and the run ``config`` (JSON) in the metadata: a
+    weights file copied out of its run folder still says which model, router and MoE settings it needs."""
     tensors = _weights(model)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={'epoch': str(epoch)}))
+    metadata = {'epoch': str(epoch)}
+    if config is not None:
+        metadata[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True, default=str)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_checkpoint(run_dir: str | Path, tag: str, model: nn.Module, state: Dict[str, Any]) -> Path:
-    """Write ``run_dir/TAG.safetensors`` then ``run_dir/TAG.pt`` (``state`` must hold 'epoch'); returns the .pt."""
+def saved_config(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The run config stored in a safetensors file's metadata by :func:`save_weights`, or None."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except Exception as e:  # noqa: BLE001 - any read failure means the file is unusable
+        raise CheckpointError(f'cannot read weights {path}: {e}') from None
+    return json.loads(text) if text else None
+
+
+def save_checkpoint(run_dir: str | Path, tag: str, model: nn.Module, state: Dict[str, Any],
+                    config: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``run_dir/TAG.safetensors`` (with ``config`` in its metadata) then ``run_dir/TAG.pt`` (``state`` must
+    hold 'epoch'); returns the .pt."""
     run_dir = Path(run_dir)
-    save_weights(model, run_dir / f'{tag}.safetensors', state['epoch'])
+    save_weights(model, run_dir / f'{tag}.safetensors', state['epoch'], config)
     pt = run_dir / f'{tag}.pt'
     atomic_write(pt, lambda tmp: torch.save(state, tmp))
     return pt

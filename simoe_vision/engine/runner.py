@@ -228,7 +228,7 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
         if train['interrupted']:
             state = _state(optimizer, scheduler, tracker, ema, epoch, best, step=train['images'])
             if env.is_main:
-                pt = save_checkpoint(run_dir, 'interrupted', core, state)
+                pt = save_checkpoint(run_dir, 'interrupted', core, state, config)
                 display.print(f'stopped by signal {stop.signum} during epoch {epoch + 1}: saved {pt}; '
                               f'resume with --resume {run_dir} (restarts epoch {epoch + 1} from last.pt)')
             return {'stopped': stop.signum, 'epoch': epoch}
@@ -246,9 +246,9 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
             _write_metrics(run_dir, rows)
             _write_json(run_dir / 'fluctuation.json', fluctuation_report(tracker))
             state = _state(optimizer, scheduler, tracker, ema, epoch + 1, best)
-            save_checkpoint(run_dir, 'last', core, state)
+            save_checkpoint(run_dir, 'last', core, state, config)
             if is_best:  # the evaluated weights (the EMA's when on) with the training state beside them
-                save_checkpoint(run_dir, 'best', eval_model, state)
+                save_checkpoint(run_dir, 'best', eval_model, state, config)
             display.epoch_table(row, config['epochs'])
             if row['skipped_images']:
                 display.print(f'[yellow]warning:[/yellow] skipped {row["skipped_images"]} unreadable image(s) in '

@@ -1,9 +1,11 @@
 """Load a model to evaluate from a train.py run folder (its config.yaml + best checkpoint) or a bare weights file.
 
-A run folder supplies the model name, router, experts and data settings from its ``config.yaml``; a weights file
-(``.safetensors``, ``.pth``/``.pt`` state dict) needs them from the command line (``--model``, ``--router``,
-``--model-kwargs``). ``num_classes`` and ``in_chans`` are read off the weights (classifier and first conv), so a
-1-channel Fashion-MNIST model and a 1000-class ImageNet model load with the same call. Weights that do not fit the
+A run folder supplies the model name, router, experts and data settings from its ``config.yaml``; so does a
+``.safetensors`` file written by train.py on its own (the run config is in its metadata: the three routers have the
+same parameters, so the weights alone cannot tell them apart). Other weights files (``.pth``/``.pt`` state dicts,
+safetensors from elsewhere) need them from the command line (``--model``, ``--router``, ``--model-kwargs``).
+``num_classes`` and ``in_chans`` are read off the weights (classifier and first conv), so a 1-channel Fashion-MNIST
+model and a 1000-class ImageNet model load with the same call. Weights that do not fit the
 model fail with one :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys and the likely
 cause, instead of torch's ``load_state_dict`` trace.
 """
@@ -20,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..engine.checkpoint import CheckpointError
+from ..engine.checkpoint import CheckpointError, saved_config
 from ..engine.config import OPTIONS, ConfigError, convert_value
 from ..engine.data import data_config_for
 
@@ -128,11 +130,17 @@ def _resolve_files(path: Path) -> tuple[Path, Optional[Path]]:
     return path, config if config.is_file() else None
 
 
-def _run_config(config_path: Optional[Path], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """Defaults < the run's config.yaml < command-line model settings, through train.py's converters."""
-    config = {key: option.default for key, option in OPTIONS.items()}
+def _saved_run_config(weights_path: Path, config_path: Optional[Path]) -> Optional[Dict[str, Any]]:
+    """The run's config: its config.yaml, else the one train.py stored in the safetensors metadata, else None."""
     if config_path is not None:
-        saved = yaml.safe_load(config_path.read_text()) or {}
+        return yaml.safe_load(config_path.read_text()) or {}
+    return saved_config(weights_path) if weights_path.suffix == '.safetensors' else None
+
+
+def _run_config(saved: Optional[Dict[str, Any]], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Defaults < the run's saved config < command-line model settings, through train.py's converters."""
+    config = {key: option.default for key, option in OPTIONS.items()}
+    if saved is not None:
         config.update({k: convert_value(k, v) for k, v in saved.items() if k in OPTIONS})
     else:
         config['model_kwargs'] = {}
@@ -186,13 +194,14 @@ def load_model(
     """
     path = Path(checkpoint).expanduser()
     weights_path, config_path = _resolve_files(path)
-    if config_path is None and model is None:
-        raise ConfigError(f'{weights_path} has no config.yaml beside it: pass --model (and --router/--model-kwargs '
-                          'for its MoE settings)')
+    saved = _saved_run_config(weights_path, config_path)
+    if saved is None and model is None:
+        raise ConfigError(f'{weights_path} has no config.yaml beside it and no train.py run config in its metadata: '
+                          'pass --model (and --router/--model-kwargs for its MoE settings)')
     overrides = {'model': model, 'router': router, 'model_kwargs': model_kwargs, 'data': data}
     explicit = {k for k in _CONFIG_KEYS if k in (model_kwargs or {})}
-    config = _run_config(config_path, overrides)
-    if config_path is not None:
+    config = _run_config(saved, overrides)
+    if saved is not None:
         explicit.update(('num_experts', 'top_k', 'img_size'))
     if not timm.is_model(config['model']):
         data_config_for(config)  # raises the ConfigError with close matches
@@ -205,7 +214,7 @@ def load_model(
     net.to(device).eval()
     first, _ = _first_conv_and_classifier(config['model'])
     in_chans = int(weights[f'{first}.weight'].shape[1]) if f'{first}.weight' in weights else None
-    if config_path is None and data is None:  # a bare RGB weights file is an ImageNet-style model: its mean/std
+    if saved is None and data is None:  # a bare RGB weights file is an ImageNet-style model: its mean/std
         config['data'] = 'fashion_mnist' if in_chans == 1 else 'imagefolder'
     data_config = data_config_for({**config, 'in_chans': in_chans or config['in_chans']})
     label = config_path.parent.name if config_path is not None else weights_path.stem
