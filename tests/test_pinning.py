@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from .pinning import PATH, ROUTER_NAMES, fingerprint, model_names
+from pinning import PATH, ROUTER_NAMES, fingerprint, model_names
 
 REFERENCE = json.loads(PATH.read_text())
 SMALL = ('_test', '_nano', '_micro')
