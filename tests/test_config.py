@@ -7,7 +7,7 @@ import torch
 
 import simoe_vision  # noqa: F401  (registers the models)
 from simoe_vision.engine import OPTIONS, ConfigError, load_yaml, parse_config, parse_kwargs, save_config
-from simoe_vision.engine.runner import _build_model
+from simoe_vision.engine.model_factory import create_model_from_config
 
 
 def test_precedence_defaults_yaml_cli(tmp_path):
@@ -91,7 +91,7 @@ def test_shipped_configs_resolve(path):
                          ids=[p.stem for p in SHIPPED if not p.stem.startswith('imagenet')])
 def test_small_image_configs_build_their_model(path):
     config = parse_config(['-c', str(path)])
-    model = _build_model(config, num_classes=10, in_chans=1).eval()
+    model = create_model_from_config(config, num_classes=10, in_chans=1).eval()
     side = config['img_size'] or model.pretrained_cfg['input_size'][-1]
     with torch.no_grad():
         assert model(torch.randn(2, 1, side, side)).shape == (2, 10)

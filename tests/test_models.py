@@ -155,7 +155,7 @@ def test_sparse_upcycling_reproduces_dense_vit(router):
     dense = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                               num_classes=5).eval()
     moe = _create('vmoe_test', router, router_kwargs=dict(renormalize=True),
-                  capacity_factor=None, eval_capacity_factor=None)
+                  capacity_factor='dropless', eval_capacity_factor='dropless')
     moe.load_state_dict(upcycle_state_dict(dense.state_dict(), moe))
     moe.eval()
     x = torch.randn(3, 3, 32, 32)

@@ -3,7 +3,10 @@ import pytest
 import torch
 from timm.layers import Mlp
 
-from simoe_vision.layers import MoeMlp, assign_slots, attach_aux_loss, aux_loss_scale, expert_capacity
+import timm
+
+import simoe_vision  # noqa: F401
+from simoe_vision.layers import MoeMlp, assign_slots, attach_aux_loss, expert_capacity
 from simoe_vision.routers import TokenGraph
 
 # 4 tokens, 2 experts, top-2; capacity 2. Choices: t0 [0, 1], t1 [0, 1], t2 [1, 0], t3 [0, 1].
@@ -46,7 +49,7 @@ def _moe(**kwargs):
 
 def test_dropless_equals_huge_capacity():
     x = torch.randn(3, 10, 8)
-    dropless = _moe(eval_capacity_factor=None).eval()
+    dropless = _moe(eval_capacity_factor='dropless').eval()
     huge = _moe(eval_capacity_factor=100.0).eval()
     huge.load_state_dict(dropless.state_dict())
     torch.testing.assert_close(dropless(x), huge(x))
@@ -75,7 +78,7 @@ def test_capacity_group_image_makes_samples_independent_of_batch():
 
 def test_single_expert_equals_timm_mlp():
     mlp = Mlp(8, 16, 8)
-    moe = MoeMlp(8, 16, 8, num_experts=1, top_k=1, capacity_factor=None, eval_capacity_factor=None)
+    moe = MoeMlp(8, 16, 8, num_experts=1, top_k=1, capacity_factor='dropless', eval_capacity_factor='dropless')
     moe.experts.fc1_weight.data[0] = mlp.fc1.weight.T
     moe.experts.fc1_bias.data[0, 0] = mlp.fc1.bias
     moe.experts.fc2_weight.data[0] = mlp.fc2.weight.T
@@ -87,7 +90,7 @@ def test_single_expert_equals_timm_mlp():
 
 @pytest.mark.parametrize('router', ['softmax', 'similarity', 'attention'])
 def test_gradients_reach_gate_experts_and_graph(router):
-    moe = _moe(router=router, capacity_factor=None)
+    moe = _moe(router=router, capacity_factor='dropless')
     x = torch.randn(2, 6, 8, requires_grad=True)
     q = torch.randn(2, 2, 6, 4, requires_grad=True)
     graph = TokenGraph(q=q, k=q, scale=0.5) if router == 'attention' else None
@@ -102,46 +105,54 @@ def test_gradients_reach_gate_experts_and_graph(router):
 
 
 @pytest.mark.parametrize('router', ['softmax', 'similarity'])
-def test_attached_aux_loss_gives_same_gradients_as_explicit(router):
+@pytest.mark.parametrize('scale', [1.0, 0.5])
+def test_attached_aux_loss_gradient_is_task_plus_scaled_aux(router, scale):
+    """The gradient a loop gets from its task loss alone = task gradient + scale x aux-loss gradient."""
     x, target = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
-    attached = _moe(router=router)
-    explicit = _moe(router=router, attach_aux_loss=False)
-    explicit.load_state_dict(attached.state_dict())
+    attached = _moe(router=router, aux_loss_scale=scale)
+    task_only = _moe(router=router, router_kwargs=dict(balance_loss='none'))
+    task_only.load_state_dict(attached.state_dict())
     torch.manual_seed(5)
     (attached(x) - target).square().mean().backward()
     torch.manual_seed(5)
-    out = explicit(x)
-    ((out - target).square().mean() + explicit.aux_loss()).backward()
+    (task_only(x) - target).square().mean().backward()
+    aux = type(attached.router)(8, 4, top_k=2)  # the same router alone: its aux loss and nothing else
+    aux.load_state_dict(attached.router.state_dict())
+    torch.manual_seed(5)
+    aux(x).aux_loss.backward()
     assert attached.aux_loss().item() > 0 and not attached.aux_loss().requires_grad
-    for (name, a), b in zip(attached.named_parameters(), explicit.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    torch.testing.assert_close(attached.router.gate.weight.grad,
+                               task_only.router.gate.weight.grad + scale * aux.gate.weight.grad)
+    torch.testing.assert_close(attached.experts.fc1_weight.grad, task_only.experts.fc1_weight.grad)
 
 
-def test_aux_loss_alone_reaches_the_gate_and_scale_applies():
-    moe = _moe()
-    x = torch.randn(2, 6, 8)
+def test_set_aux_loss_scale_changes_the_aux_gradient_between_steps():
+    model = timm.create_model('vmoe_test', router='similarity')
+    x = torch.randn(2, 3, 32, 32)
     grads = []
-    for scale in (1.0, 0.5):
-        aux_loss_scale(scale)
-        moe.zero_grad()
+    for scale in (1.0, 0.25):
+        model.set_aux_loss_scale(scale)
+        model.zero_grad()
         torch.manual_seed(0)
-        (moe(x) * 0).sum().backward()  # the task loss contributes nothing: only the aux loss moves the gate
-        grads.append(moe.router.gate.weight.grad.clone())
-    aux_loss_scale(1.0)
+        (model(x) * 0).sum().backward()  # the task loss contributes nothing: only the aux loss moves the gate
+        grads.append(model.blocks[1].mlp.router.gate.weight.grad.clone())
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0] * 0.5)
+    torch.testing.assert_close(grads[1], grads[0] * 0.25)
+    assert model.moe_config.aux_loss_scale == 0.25
 
 
 def test_no_aux_gradient_in_eval_mode():
     """Input gradients in eval mode (adversarial attacks, saliency) carry the task loss only."""
     moe = _moe(router='similarity').eval()
+    no_balance = _moe(router='similarity', router_kwargs=dict(balance_loss='none')).eval()
+    no_balance.load_state_dict(moe.state_dict())
     x = torch.randn(2, 6, 8)
     grads = []
-    for attach in (True, False):
-        moe.attach_aux_loss = attach
+    for layer in (moe, no_balance):
         xi = x.clone().requires_grad_()
-        moe(xi).sum().backward()
+        layer(xi).sum().backward()
         grads.append(xi.grad)
+    assert moe.aux_loss() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
@@ -162,8 +173,8 @@ def test_bf16_autocast_keeps_routing_fp32():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(capacity_factor=0.0), 'capacity_factor must be > 0 or None'),
-    (dict(eval_capacity_factor=-1.0), 'eval_capacity_factor must be > 0 or None'),
+    (dict(capacity_factor=0.0), "capacity_factor must be a number > 0 or 'dropless'"),
+    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor must be a number > 0 or 'dropless'"),
     (dict(capacity_group='window'), 'capacity_group must be one of image, batch'),
     (dict(top_k=5), r'top_k must be an integer in \[1, num_experts=4\], got 5'),
     (dict(router='dense'), "unknown router 'dense'"),

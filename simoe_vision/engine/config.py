@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..routers import ROUTERS
+
 __all__ = ['ConfigError', 'OPTIONS', 'build_parser', 'load_yaml', 'parse_config', 'save_config']
 
 
@@ -98,6 +100,16 @@ def parse_kwargs(value: Any) -> Dict[str, Any]:
     return out
 
 
+def _model_kwargs(value: Any) -> Dict[str, Any]:
+    """Model kwargs; None values are refused: timm.create_model drops them, so they would silently do nothing."""
+    kwargs = parse_kwargs(value)
+    dropped = [k for k, v in kwargs.items() if v is None]
+    if dropped:
+        raise ValueError(f'{", ".join(dropped)} = null would be dropped by timm.create_model and do nothing; give a '
+                         "value (capacity_factor=dropless for no capacity limit) or leave the key out")
+    return kwargs
+
+
 def _float_pair(value: Any) -> List[float]:
     items = value.split(',') if isinstance(value, str) else list(value)
     if len(items) != 2:
@@ -121,7 +133,7 @@ class Option:
     convert: Callable[[Any], Any]
     default: Any
     help: str
-    choices: Optional[Sequence[Any]] = None
+    choices: Optional[Sequence[Any] | Callable[[], Sequence[Any]]] = None  # a callable: looked up when checked
     check: Optional[Callable[[Any], bool]] = None
     requirement: str = ''
 
@@ -141,11 +153,15 @@ def _probability(v: Any) -> bool:
 OPTIONS: Dict[str, Option] = {
     # model
     'model': Option(_str, 'vmoe_nano_patch4_32', 'timm model name (a registered simoe_vision model)'),
-    'router': Option(_str, 'softmax', 'router of every MoE layer', choices=('softmax', 'similarity', 'attention')),
-    'num_experts': Option(_int, 8, 'experts per MoE layer', check=_positive, requirement='> 0'),
-    'top_k': Option(_int, 2, 'experts per token', check=_positive, requirement='> 0'),
+    'router': Option(_optional(_str), None, "router of every MoE layer, a registered name (default: the model's)",
+                     choices=lambda: (None, *ROUTERS)),
+    'num_experts': Option(_optional(_int), None, "experts per MoE layer (default: the model's)", check=_positive,
+                          requirement='> 0'),
+    'top_k': Option(_optional(_int), None, "experts per token (default: the model's)", check=_positive,
+                    requirement='> 0'),
     'router_kwargs': Option(parse_kwargs, {}, 'router settings: JSON object or k=v,k=v'),
-    'model_kwargs': Option(parse_kwargs, {}, 'extra model constructor kwargs: JSON object or k=v,k=v'),
+    'model_kwargs': Option(_model_kwargs, {}, 'extra model constructor kwargs: JSON object or k=v,k=v '
+                           "(capacity_factor=dropless for no capacity limit)"),
     'drop_path': Option(_float, 0.0, 'stochastic depth rate', check=_probability, requirement='in [0, 1]'),
     # data
     'data': Option(_str, 'fashion_mnist', 'dataset', choices=('fashion_mnist', 'imagefolder')),
@@ -223,10 +239,12 @@ def convert_value(key: str, value: Any) -> Any:
         out = option.convert(value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'invalid value {value!r} for {key}: {e}') from None
-    if option.choices is not None and out not in option.choices:
-        close = difflib.get_close_matches(str(out), [str(c) for c in option.choices], n=1)
+    choices = option.choices() if callable(option.choices) else option.choices
+    if choices is not None and out not in choices:
+        names = [str(c) for c in choices if c is not None]
+        close = difflib.get_close_matches(str(out), names, n=1)
         hint = f' (did you mean {close[0]!r}?)' if close else ''
-        raise ConfigError(f'invalid value {value!r} for {key}: choose one of {", ".join(option.choices)}{hint}')
+        raise ConfigError(f'invalid value {value!r} for {key}: choose one of {", ".join(names)}{hint}')
     if option.check is not None and out is not None and not option.check(out):
         raise ConfigError(f'invalid value {value!r} for {key}: must be {option.requirement}')
     return out
@@ -302,7 +320,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, base: Optional[Dict[str, 
 
 def check_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """Checks across keys (each key alone was checked on conversion)."""
-    if config['top_k'] > config['num_experts']:
+    if config['top_k'] is not None and config['num_experts'] is not None and config['top_k'] > config['num_experts']:
         raise ConfigError(f"invalid value {config['top_k']} for top_k: must be <= num_experts "
                           f"({config['num_experts']})")
     if config['data'] == 'imagefolder' and not config['data_dir']:

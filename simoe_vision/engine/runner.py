@@ -32,6 +32,7 @@ from .checkpoint import CheckpointError, capture_rng, load_checkpoint, resolve_c
 from .config import ConfigError, parse_config, save_config
 from .data import RunData, base_dataset, build_run_data
 from .display import Display
+from .model_factory import create_model_from_config, model_settings
 from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .loop import NonFiniteLossError, evaluate, record_probe, train_one_epoch
 
@@ -143,22 +144,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _run_dir(config: Dict[str, Any]) -> Path:
-    name = config['experiment'] or '-'.join([config['model'], config['router'], config['data'],
-                                             datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')])
+    parts = [config['model'], config['router'], config['data'], datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')]
+    name = config['experiment'] or '-'.join(p for p in parts if p)
     return Path(config['output']) / name
-
-
-def _build_model(config: Dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans, router=config['router'],
-                  num_experts=config['num_experts'], top_k=config['top_k'], router_kwargs=config['router_kwargs'],
-                  drop_path_rate=config['drop_path'], **config['model_kwargs'])
-    if config['img_size']:
-        kwargs['img_size'] = config['img_size']
-    try:
-        return timm.create_model(config['model'], **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build model {config['model']!r} from the config (router, num_experts, top_k, "
-                          f'router_kwargs, model_kwargs): {e}') from None
 
 
 def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal) -> Dict[str, Any]:
@@ -172,7 +160,8 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
     except ValueError as e:  # e.g. a val_size larger than the training set
         raise ConfigError(f'cannot build the data from the config: {e}') from None
     in_chans = data.data_config['input_size'][0]
-    model = _build_model(config, data.num_classes, in_chans).to(env.device)
+    model = create_model_from_config(config, num_classes=data.num_classes, in_chans=in_chans).to(env.device)
+    config.update(model_settings(model))  # the saved config names the settings in force, the model's defaults too
     core = model
     steps = len(data.train)
     total_steps = config['epochs'] * steps

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..engine.checkpoint import CheckpointError, saved_config
 from ..engine.config import OPTIONS, ConfigError, convert_value
 from ..engine.data import data_config_for
+from ..engine.model_factory import create_model_from_config, model_settings
 
 __all__ = ['CheckpointMismatchError', 'LoadedModel', 'check_state_dict', 'load_model', 'read_weights']
 
@@ -162,22 +163,18 @@ def _first_conv_and_classifier(name: str) -> tuple[str, str]:
     return first, classifier
 
 
-def _build(config: Dict[str, Any], weights: Dict[str, Tensor], explicit: set[str]) -> nn.Module:
+def _build(config: Dict[str, Any], weights: Dict[str, Tensor]) -> nn.Module:
     """The model of ``config`` with ``num_classes``/``in_chans`` taken from the weights."""
     first, classifier = _first_conv_and_classifier(config['model'])
-    kwargs: Dict[str, Any] = {'router': config['router'], 'router_kwargs': config['router_kwargs'],
-                              **config['model_kwargs']}
-    for key in ('num_experts', 'top_k', 'img_size'):  # a bare weights file keeps the model's own defaults
-        if key in explicit and config[key] is not None:
-            kwargs[key] = config[key]
+    fixed: Dict[str, Any] = {}
     if f'{classifier}.weight' in weights:
-        kwargs['num_classes'] = weights[f'{classifier}.weight'].shape[0]
+        fixed['num_classes'] = weights[f'{classifier}.weight'].shape[0]
     if f'{first}.weight' in weights:
-        kwargs['in_chans'] = weights[f'{first}.weight'].shape[1]
+        fixed['in_chans'] = weights[f'{first}.weight'].shape[1]
     try:
-        return timm.create_model(config['model'], **kwargs)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"cannot build model {config['model']!r} with {kwargs}: {e}") from None
+        return create_model_from_config(config, **fixed)
+    except RuntimeError as e:
+        raise ConfigError(f"cannot build model {config['model']!r}: {e}") from None
 
 
 def load_model(
@@ -199,16 +196,12 @@ def load_model(
         raise ConfigError(f'{weights_path} has no config.yaml beside it and no train.py run config in its metadata: '
                           'pass --model (and --router/--model-kwargs for its MoE settings)')
     overrides = {'model': model, 'router': router, 'model_kwargs': model_kwargs, 'data': data}
-    explicit = {k for k in _CONFIG_KEYS if k in (model_kwargs or {})}
     config = _run_config(saved, overrides)
-    if saved is not None:
-        explicit.update(('num_experts', 'top_k', 'img_size'))
     if not timm.is_model(config['model']):
         data_config_for(config)  # raises the ConfigError with close matches
     weights = read_weights(weights_path)
-    net = _build(config, weights, explicit)
-    config['num_experts'] = next((m.num_experts for m in net.modules() if hasattr(m, 'num_experts')),
-                                 config['num_experts'])
+    net = _build(config, weights)
+    config.update(model_settings(net))
     check_state_dict(net, weights, config, str(weights_path))
     net.load_state_dict(weights)
     net.to(device).eval()

@@ -1,6 +1,10 @@
-"""MoE layers: the MoE MLP, its experts bank and the capacity dispatch math."""
+"""MoE layers: the MoE settings, the MoE MLP, its experts bank, the capacity dispatch math and the attention layer
+that hands its graph to the router."""
+from .attention import GraphAttention
+from .config import CAPACITY_GROUPS, DROPLESS, MoeConfig
 from .dispatch import assign_slots, expert_capacity
 from .experts import Experts
-from .moe_mlp import MoeMlp, attach_aux_loss, aux_loss_scale
+from .moe_mlp import MoeMlp, attach_aux_loss
 
-__all__ = ['MoeMlp', 'Experts', 'assign_slots', 'expert_capacity', 'attach_aux_loss', 'aux_loss_scale']
+__all__ = ['MoeConfig', 'DROPLESS', 'CAPACITY_GROUPS', 'MoeMlp', 'Experts', 'GraphAttention', 'assign_slots',
+           'expert_capacity', 'attach_aux_loss']

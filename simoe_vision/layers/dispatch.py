@@ -12,7 +12,7 @@ __all__ = ['expert_capacity', 'assign_slots']
 def expert_capacity(group_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Per-expert slots for a group of T tokens: ``ceil(k * T * capacity_factor / E)`` (at least 1)."""
     if capacity_factor <= 0:
-        raise ValueError(f'capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}')
+        raise ValueError(f'capacity_factor must be > 0, got {capacity_factor!r}')
     return max(1, math.ceil(top_k * group_tokens * capacity_factor / num_experts))
 
 

@@ -1,6 +1,7 @@
 """Sparse Mixture-of-Experts MLP, a drop-in for timm's ``Mlp``: router -> dispatch -> experts -> combine."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Tuple, Type, Union
 
 import torch
@@ -8,12 +9,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..routers import RoutingOutput, TokenGraph, TokenLayout, create_router
+from .config import MoeConfig
 from .dispatch import assign_slots, expert_capacity
 from .experts import Experts
 
-__all__ = ['MoeMlp', 'attach_aux_loss', 'aux_loss_scale']
-
-_CAPACITY_GROUPS = ('image', 'batch')
+__all__ = ['MoeMlp', 'attach_aux_loss']
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -23,44 +23,31 @@ class _AttachAuxLoss(torch.autograd.Function):
     (Megatron's aux-loss auto-scaler).
     """
 
-    scale: float = 1.0
-
     @staticmethod
-    def forward(ctx, output: Tensor, aux_loss: Tensor) -> Tensor:
-        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+    def forward(ctx, output: Tensor, aux_loss: Tensor, scale: float) -> Tensor:
+        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device, scale)
         return output
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> Tuple[Tensor, Tensor]:
-        shape, dtype, device = ctx.aux_meta
-        return grad_output, torch.full(shape, _AttachAuxLoss.scale, dtype=dtype, device=device)
+    def backward(ctx, grad_output: Tensor) -> Tuple[Tensor, Tensor, None]:
+        shape, dtype, device, scale = ctx.aux_meta
+        return grad_output, torch.full(shape, scale, dtype=dtype, device=device), None
 
 
-def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
-    """Return ``output`` unchanged, with ``aux_loss`` riding on its backward pass."""
+def attach_aux_loss(output: Tensor, aux_loss: Tensor, scale: float = 1.0) -> Tensor:
+    """Return ``output`` unchanged, with ``aux_loss`` (its gradient times ``scale``) riding on its backward pass."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
-    return _AttachAuxLoss.apply(output, aux_loss)
-
-
-def aux_loss_scale(scale: float) -> None:
-    """Set the factor the attached aux-loss gradients carry; match what the loop multiplies its task loss by
-    (e.g. ``1 / accumulation_steps``; a GradScaler's scale for fp16)."""
-    _AttachAuxLoss.scale = float(scale)
+    return _AttachAuxLoss.apply(output, aux_loss, scale)
 
 
 class MoeMlp(nn.Module):
     """Sparse MoE MLP with the constructor of timm's ``Mlp`` plus the MoE settings.
 
-    Args (besides ``Mlp``'s):
-        num_experts, top_k: E experts, k per token.
-        router: 'softmax' | 'similarity' | 'attention'; ``router_kwargs`` go to :func:`create_router`.
-        capacity_factor / eval_capacity_factor: per-expert capacity ``ceil(k T cf / E)`` in training / eval;
-            ``None`` = dropless. Dropped (token, expert) pairs contribute nothing; the block's residual carries them.
-        capacity_group: tokens that share capacity: 'image' (default; a sample's output never depends on its batch)
-            or 'batch'.
-        batch_prioritized: Batch Prioritized Routing: tokens with the highest routing probability claim slots first.
-        attach_aux_loss: ride the aux loss on the backward pass (default). If False, add ``aux_loss()`` yourself.
+    The MoE settings are :class:`MoeConfig`'s fields, given as keyword arguments (``num_experts=8, router=...``)
+    or as one ``moe=MoeConfig(...)`` (keywords then override it). In training the weighted aux loss rides the
+    output's backward pass (times ``moe.aux_loss_scale``), so any loop that backpropagates its task loss trains
+    the router; :meth:`aux_loss` reports the last forward's value for logging.
     """
 
     def __init__(
@@ -73,46 +60,37 @@ class MoeMlp(nn.Module):
             bias: Union[bool, Tuple[bool, bool]] = True,
             drop: Union[float, Tuple[float, float]] = 0.0,
             *,
-            num_experts: int = 8,
-            top_k: int = 2,
-            router: str = 'softmax',
-            router_kwargs: Dict[str, Any] | None = None,
-            capacity_factor: float | None = 1.25,
-            eval_capacity_factor: float | None = 2.0,
-            capacity_group: str = 'image',
-            batch_prioritized: bool = False,
-            attach_aux_loss: bool = True,
+            moe: MoeConfig | None = None,
             device=None,
             dtype=None,
+            **settings: Any,
     ) -> None:
         super().__init__()
-        if capacity_group not in _CAPACITY_GROUPS:
-            raise ValueError(f'capacity_group must be one of {", ".join(_CAPACITY_GROUPS)}, got {capacity_group!r}')
-        for name, cf in (('capacity_factor', capacity_factor), ('eval_capacity_factor', eval_capacity_factor)):
-            if cf is not None and not cf > 0:
-                raise ValueError(f'{name} must be > 0 or None (dropless), got {cf!r}')
+        moe = MoeConfig(**settings) if moe is None else dataclasses.replace(moe, **settings)
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.router = create_router(router, in_features, num_experts, top_k=top_k, **(router_kwargs or {}))
-        self.experts = Experts(num_experts, in_features, hidden_features, out_features, act_layer, norm_layer,
+        self.moe = moe
+        self.router = create_router(moe.router, in_features, moe.num_experts, top_k=moe.top_k, **moe.router_kwargs)
+        self.experts = Experts(moe.num_experts, in_features, hidden_features, out_features, act_layer, norm_layer,
                                bias, drop, device=device, dtype=dtype)
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.capacity_group = capacity_group
-        self.batch_prioritized = batch_prioritized
-        self.attach_aux_loss = attach_aux_loss
         self.last_routing: RoutingOutput | None = None
-        self._aux_loss: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.moe.top_k
 
     def extra_repr(self) -> str:
-        return (f'capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, '
-                f'capacity_group={self.capacity_group}, batch_prioritized={self.batch_prioritized}')
+        m = self.moe
+        return (f'capacity_factor={m.capacity_factor}, eval_capacity_factor={m.eval_capacity_factor}, '
+                f'capacity_group={m.capacity_group}, batch_prioritized={m.batch_prioritized}')
 
     def aux_loss(self) -> Tensor | None:
-        """The last forward's weighted aux loss (detached when it was attached to the backward pass)."""
-        return self._aux_loss
+        """The last forward's weighted aux loss, detached (for logging: it reached the gradient already)."""
+        return None if self.last_routing is None else self.last_routing.aux_loss
 
     def forward(
             self,
@@ -127,12 +105,8 @@ class MoeMlp(nn.Module):
         routing.stats.update(stats)
         self.last_routing = RoutingOutput(routing.indices.detach(), routing.weights.detach(), routing.probs.detach(),
                                           routing.aux_loss.detach(), routing.stats)
-        if self.attach_aux_loss:
-            self._aux_loss = routing.aux_loss.detach()
-            if self.training:  # an input gradient in eval mode (attacks, saliency) must see the task loss only
-                out = attach_aux_loss(out, routing.aux_loss)
-        else:
-            self._aux_loss = routing.aux_loss
+        if self.training:  # an input gradient in eval mode (attacks, saliency) must see the task loss only
+            out = attach_aux_loss(out, routing.aux_loss, self.moe.aux_loss_scale)
         return out.reshape(batch, tokens, -1)
 
     def _dispatch_combine(self, x: Tensor, routing: RoutingOutput, batch: int) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -155,16 +129,16 @@ class MoeMlp(nn.Module):
         sorted rows hold exactly the kept pairs, and E plain matmuls are as fast as one bmm here.
         """
         total, k = routing.indices.shape
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        cf = self.moe.capacity(self.training)
         if cf is None:  # dropless: every pair is kept, slot positions are not needed
             pairs = torch.arange(total * k, device=x.device)
             keep_fraction = torch.ones((), device=x.device)
         else:
-            groups = batch if self.capacity_group == 'image' else 1
+            groups = batch if self.moe.capacity_group == 'image' else 1
             group_tokens = total // groups
             indices = routing.indices.reshape(groups, group_tokens, k)
             priority = (routing.probs.max(dim=-1).values.reshape(groups, group_tokens)
-                        if self.batch_prioritized else None)
+                        if self.moe.batch_prioritized else None)
             capacity = expert_capacity(group_tokens, self.num_experts, k, cf)
             _, keep = assign_slots(indices, self.num_experts, capacity, priority)
             pairs = keep.reshape(-1).nonzero().squeeze(-1)

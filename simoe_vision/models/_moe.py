@@ -1,48 +1,18 @@
-"""What V-MoE and Swin-MoE share: MoE layout parsing, the MoE settings as model kwargs, the model mixin
-(aux loss, MoE layer listing) and sparse upcycling from dense timm checkpoints."""
+"""What V-MoE and Swin-MoE share: MoE layout parsing, the model mixin (aux loss, MoE layer listing) and sparse
+upcycling from dense timm checkpoints."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..layers import MoeMlp
-from ..routers import ROUTERS
 
-__all__ = ['MoeConfig', 'MoeModelMixin', 'parse_moe_layout', 'moe_layers', 'upcycle_state_dict', 'count_params']
+__all__ = ['MoeModelMixin', 'parse_moe_layout', 'moe_layers', 'upcycle_state_dict', 'count_params']
 
 Layout = Union[str, Sequence[int]]
-
-
-@dataclass
-class MoeConfig:
-    """The MoE settings every simoe_vision model takes as keyword arguments (see :class:`~simoe_vision.MoeMlp`)."""
-
-    num_experts: int = 8
-    top_k: int = 2
-    router: str = 'softmax'
-    router_kwargs: Dict[str, Any] = field(default_factory=dict)
-    capacity_factor: Optional[float] = 1.25
-    eval_capacity_factor: Optional[float] = 2.0
-    capacity_group: str = 'image'
-    batch_prioritized: bool = False
-
-    def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f'unknown router {self.router!r}; valid routers: {", ".join(ROUTERS)}')
-        self.router_kwargs = dict(self.router_kwargs or {})
-
-    @property
-    def needs_attention_graph(self) -> bool:
-        return self.router == 'attention'
-
-    def mlp_layer(self) -> partial:
-        """A ``MoeMlp`` constructor with timm's ``Mlp`` signature, for a block's ``mlp_layer``."""
-        return partial(MoeMlp, **asdict(self))
 
 
 def parse_moe_layout(layout: Layout, depth: int) -> List[int]:
@@ -81,9 +51,17 @@ class MoeModelMixin:
             names |= {f'{name}.experts.{b}' for b in ('fc1_bias', 'fc2_bias') if getattr(mlp.experts, b) is not None}
         return names
 
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Scale the aux-loss gradient of every MoE layer by what the loop multiplies its task loss by (``1 / N``
+        for N accumulation steps, a GradScaler's current scale): the balance weight then stays the configured one.
+        The same setting is the model kwarg ``aux_loss_scale`` (e.g. timm's ``--model-kwargs aux_loss_scale=0.5``)."""
+        self.moe_config.aux_loss_scale = float(scale)
+        for _, layer in moe_layers(self):
+            layer.moe.aux_loss_scale = float(scale)
+
     def aux_loss(self) -> Optional[Tensor]:
-        """Sum of the MoE layers' aux losses from the last forward (for logging; it already reaches the gradient
-        unless the layers were built with ``attach_aux_loss=False``)."""
+        """Sum of the MoE layers' aux losses from the last forward, detached (for logging; it already reached the
+        gradient through the layers' backward pass)."""
         losses = [m.aux_loss() for _, m in moe_layers(self) if m.aux_loss() is not None]
         return torch.stack(losses).sum() if losses else None
 

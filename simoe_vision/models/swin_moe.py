@@ -27,8 +27,9 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from timm.models.vision_transformer import get_init_weights_vit
 from torch import Tensor
 
-from ..routers import TokenGraph, TokenLayout
-from ._moe import Layout, MoeConfig, MoeModelMixin, parse_moe_layout, upcycle_state_dict
+from ..layers import MoeConfig, MoeMlp
+from ..routers import TokenGraph, TokenLayout, router_graph
+from ._moe import Layout, MoeModelMixin, parse_moe_layout, upcycle_state_dict
 
 __all__ = ['SwinMoE', 'SwinMoeBlock', 'swin_moe_layout', 'SIMILARITY_SCOPES']
 
@@ -194,45 +195,29 @@ class SwinMoE(MoeModelMixin, SwinTransformer):
     """timm's ``SwinTransformer`` with MoE MLPs in the blocks of ``moe_layout``.
 
     Args (besides timm's Swin kwargs):
-        router: 'softmax' | 'similarity' | 'attention'; ``router_kwargs`` go to the router (tau, mix, alpha, ...).
-        num_experts, top_k, capacity_factor, eval_capacity_factor, capacity_group, batch_prioritized:
-            the MoE MLP settings (:class:`~simoe_vision.layers.MoeMlp`).
+        the MoE settings (:class:`~simoe_vision.layers.MoeConfig`'s fields: router, router_kwargs, num_experts,
+            top_k, capacity_factor, ...).
         moe_layout: 'swin_moe' (default: odd blocks of the last two stages), 'every2', 'last2', or a list of
             global block indices counted over all stages.
-        similarity_scope: similarity router's graph: 'global' (all tokens of an image, default) or 'window'
-            (each (shifted) attention window of the block).
+        similarity_scope: the graph of a router that builds it from the tokens (similarity): 'global' (all tokens
+            of an image, default) or 'window' (each (shifted) attention window of the block).
     """
 
-    def __init__(
-            self,
-            *,
-            router: str = 'softmax',
-            router_kwargs: Optional[Dict[str, Any]] = None,
-            num_experts: int = 8,
-            top_k: int = 2,
-            capacity_factor: Optional[float] = 1.25,
-            eval_capacity_factor: Optional[float] = 2.0,
-            capacity_group: str = 'image',
-            batch_prioritized: bool = False,
-            moe_layout: Layout = 'swin_moe',
-            similarity_scope: str = 'global',
-            **kwargs,
-    ) -> None:
+    def __init__(self, *, moe_layout: Layout = 'swin_moe', similarity_scope: str = 'global', **kwargs) -> None:
         if similarity_scope not in SIMILARITY_SCOPES:
             raise ValueError(f'similarity_scope must be one of {", ".join(SIMILARITY_SCOPES)}, '
                              f'got {similarity_scope!r}')
-        moe_config = MoeConfig(num_experts=num_experts, top_k=top_k, router=router, router_kwargs=router_kwargs,
-                               capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                               capacity_group=capacity_group, batch_prioritized=batch_prioritized)
+        moe_config, kwargs = MoeConfig.split(kwargs)
         depths = kwargs.get('depths', inspect.signature(SwinTransformer.__init__).parameters['depths'].default)
         moe_blocks = swin_moe_layout(moe_layout, depths)
         super().__init__(**kwargs)
         self.moe_config = moe_config
         self.moe_layout = moe_blocks
         self.similarity_scope = similarity_scope
-        if moe_config.needs_attention_graph:
+        graph = router_graph(moe_config.router)
+        if graph == 'attention':
             routing_graph = 'attention'
-        elif router == 'similarity' and similarity_scope == 'window':
+        elif graph == 'tokens' and similarity_scope == 'window':
             routing_graph = 'window'
         else:
             routing_graph = ''
@@ -242,7 +227,7 @@ class SwinMoE(MoeModelMixin, SwinTransformer):
             stage, j = blocks[index]
             block = SwinMoeBlock(
                 **_dense_block_kwargs(stage.blocks[j], kwargs.get('norm_layer', nn.LayerNorm)),
-                mlp_layer=moe_config.mlp_layer(),
+                mlp_layer=partial(MoeMlp, moe=moe_config),
                 routing_graph=routing_graph,
             )
             named_apply(init_fn, block)  # timm's init for the new block's dense layers, as SwinTransformer does

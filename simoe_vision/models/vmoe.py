@@ -1,62 +1,54 @@
 """V-MoE: timm's VisionTransformer with the MLP of selected blocks replaced by a sparse MoE MLP.
 
-Router and MoE settings are model kwargs (``router=``, ``num_experts=``, ``top_k=``, ``moe_layout=``, ...). With
-``router='attention'`` each MoE block routes over its own attention graph: the block's q/k are captured (the block
-output stays on timm's fused attention kernel) and propagated with scaled_dot_product_attention.
+Router and MoE settings are model kwargs (:class:`~simoe_vision.layers.MoeConfig`'s fields: ``router=``,
+``num_experts=``, ``top_k=``, ``capacity_factor=``, ... plus ``moe_layout=``). A MoE block's attention is a
+:class:`~simoe_vision.layers.GraphAttention`: timm's attention (same weights, fused kernel) that returns its q/k as
+a token graph, which the block passes down to a router that reads the attention graph.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Set
+from functools import partial
+from typing import Any, Callable, Optional, Set
 
-import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
-from ..routers import TokenGraph
-from ._moe import Layout, MoeConfig, MoeModelMixin, parse_moe_layout
+from ..layers import GraphAttention, MoeConfig, MoeMlp
+from ..routers import router_graph
+from ._moe import Layout, MoeModelMixin, parse_moe_layout
 
 __all__ = ['VisionMoE', 'MoeBlock']
 
 
 class MoeBlock(Block):
-    """timm ViT ``Block`` whose MLP is a ``MoeMlp``; hands the attention graph to attention-aware routers."""
+    """timm ViT ``Block`` whose MLP is a ``MoeMlp``; with an attention-graph router its attention's graph goes
+    straight to the MLP in ``forward`` (nothing is stored between the two)."""
 
-    def __init__(self, *args, moe: MoeConfig, **kwargs) -> None:
-        kwargs['mlp_layer'] = moe.mlp_layer()
-        super().__init__(*args, **kwargs)
-        self._qk: Dict[str, Tensor] = {}
-        if moe.needs_attention_graph:
-            if not (hasattr(self.attn, 'q_norm') and hasattr(self.attn, 'k_norm') and hasattr(self.attn, 'scale')):
-                raise ValueError(f'router="attention" needs an attention layer with q_norm/k_norm/scale (timm '
-                                 f'Attention); got {type(self.attn).__name__}')
-            # q and k leave q_norm / k_norm as (B, H, N, D): capture them there, leaving timm's forward untouched.
-            self.attn.q_norm.register_forward_hook(self._capture('q'))
-            self.attn.k_norm.register_forward_hook(self._capture('k'))
-
-    def _capture(self, key: str) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            self._qk[key] = output
-        return hook
-
-    def _take_graph(self, attn_mask: Optional[Tensor]) -> Optional[TokenGraph]:
-        if not self._qk:
-            return None
-        q, k = self._qk.pop('q'), self._qk.pop('k')
-        bias = attn_mask
-        if bias is not None and bias.dtype == torch.bool:
-            bias = torch.zeros_like(bias, dtype=q.dtype).masked_fill(~bias, float('-inf'))
-        return TokenGraph(q=q, k=k, scale=self.attn.scale, bias=bias)
+    def __init__(self, *args, moe: MoeConfig, attn_layer: Any = Attention, **kwargs) -> None:
+        routes_on_attention = router_graph(moe.router) == 'attention'
+        if attn_layer is Attention:
+            attn_layer = GraphAttention
+        elif routes_on_attention and not hasattr(attn_layer, 'forward_graph'):
+            raise ValueError(f'router {moe.router!r} reads the attention graph: it needs an attention layer with '
+                             f'forward_graph() (simoe_vision.layers.GraphAttention), got {attn_layer!r}')
+        kwargs['mlp_layer'] = partial(MoeMlp, moe=moe)  # replaces timm's Mlp (VisionTransformer passes its own)
+        super().__init__(*args, attn_layer=attn_layer, **kwargs)
+        self.routes_on_attention = routes_on_attention
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if is_causal:
             raise ValueError('MoE blocks do not support causal attention')
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        graph = self._take_graph(attn_mask)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), graph)))
-        return x
+        graph = None
+        if self.routes_on_attention:
+            out, graph = self.attn.forward_graph(self.norm1(x), attn_mask=attn_mask)
+        else:
+            out = self.attn(self.norm1(x), attn_mask=attn_mask)
+        x = x + self.drop_path1(self.ls1(out))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), graph)))
 
 
 def _block_factory(moe_blocks: Set[int], moe: MoeConfig) -> Callable[..., nn.Module]:
@@ -69,31 +61,16 @@ def _block_factory(moe_blocks: Set[int], moe: MoeConfig) -> Callable[..., nn.Mod
 
 
 class VisionMoE(MoeModelMixin, VisionTransformer):
-    """V-MoE (Riquelme et al. 2021) on timm's ViT, with softmax, similarity- or attention-aware routing.
+    """V-MoE (Riquelme et al. 2021) on timm's ViT, with any registered router.
 
-    Args (besides timm VisionTransformer's): ``num_experts``, ``top_k``, ``router``, ``router_kwargs``,
-    ``capacity_factor``, ``eval_capacity_factor``, ``capacity_group``, ``batch_prioritized`` (see ``MoeMlp``) and
-    ``moe_layout``: 'every2' (blocks 1, 3, 5, ...; V-MoE's default), 'last2', or a list of block indices.
+    Args (besides timm VisionTransformer's): the MoE settings (:class:`~simoe_vision.layers.MoeConfig`'s fields)
+    and ``moe_layout``: 'every2' (blocks 1, 3, 5, ...; V-MoE's default), 'last2', or a list of block indices.
     """
 
-    def __init__(
-            self,
-            *,
-            num_experts: int = 8,
-            top_k: int = 2,
-            router: str = 'softmax',
-            router_kwargs: Optional[Dict[str, Any]] = None,
-            capacity_factor: Optional[float] = 1.25,
-            eval_capacity_factor: Optional[float] = 2.0,
-            capacity_group: str = 'image',
-            batch_prioritized: bool = False,
-            moe_layout: Layout = 'every2',
-            **kwargs,
-    ) -> None:
+    def __init__(self, *, moe_layout: Layout = 'every2', **kwargs) -> None:
         if 'block_fn' in kwargs:
             raise ValueError('VisionMoE builds its own blocks; block_fn cannot be given')
-        moe = MoeConfig(num_experts, top_k, router, router_kwargs or {}, capacity_factor, eval_capacity_factor,
-                        capacity_group, batch_prioritized)
+        moe, kwargs = MoeConfig.split(kwargs)
         moe_blocks = parse_moe_layout(moe_layout, kwargs.get('depth', 12))
         super().__init__(block_fn=_block_factory(set(moe_blocks), moe), **kwargs)
         self.moe_config = moe

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Union
+from typing import ClassVar, Dict, Union
 
 import torch
 import torch.nn as nn
@@ -19,8 +19,11 @@ from torch import Tensor
 from .graph import TokenGraph, TokenLayout, similarity_graph
 from .losses import importance_loss, load_loss, switch_balance_loss, z_loss
 
-__all__ = ['RoutingOutput', 'Router', 'SoftmaxRouter', 'GraphRouter', 'SimilarityRouter', 'AttentionRouter',
-           'select_top_k']
+__all__ = ['GRAPH_SOURCES', 'RoutingOutput', 'Router', 'SoftmaxRouter', 'GraphRouter', 'SimilarityRouter',
+           'AttentionRouter', 'select_top_k']
+
+# What a router reads besides its tokens: nothing, a graph it builds from the tokens, or its block's attention.
+GRAPH_SOURCES = ('none', 'tokens', 'attention')
 
 _BALANCE_LOSSES = ('vmoe', 'switch', 'none')
 _DEFAULT_BALANCE_WEIGHT = {'vmoe': 0.005, 'switch': 0.01, 'none': 0.0}
@@ -51,7 +54,9 @@ def select_top_k(
     """
     scores = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
     if noise_std > 0:
-        noise = torch.randn(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+        # randn_like, not randn(shape): a symbolic shape under torch.compile's dynamic shapes must stay symbolic
+        noise = torch.randn_like(scores) if generator is None else torch.randn(
+            scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
         noisy = scores + noise_std * noise
         probs = noisy.softmax(dim=-1)
     else:
@@ -74,7 +79,12 @@ class Router(nn.Module):
         balance_loss: 'vmoe' (importance + load), 'switch' (E * sum f_e P_e), or 'none'.
         balance_weight: weight of each balance term; ``None`` means 0.005 for 'vmoe' and 0.01 for 'switch'.
         z_loss_weight: weight of the router z-loss on the gate logits (0 = off).
+
+    ``graph`` (class attribute) declares the token graph the router reads (one of :data:`GRAPH_SOURCES`); the MoE
+    blocks pass it accordingly.
     """
+
+    graph: ClassVar[str] = 'none'
 
     def __init__(
             self,
@@ -216,6 +226,8 @@ class SimilarityRouter(GraphRouter):
     ``layout`` in forward restricts the graph to groups of tokens (e.g. Swin windows); default: all of an image.
     """
 
+    graph: ClassVar[str] = 'tokens'
+
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, *, tau: float = 0.1, learnable_tau: bool = False,
                  similarity: str = 'cosine', proj_dim: int | None = None, **kwargs) -> None:
         super().__init__(dim, num_experts, top_k, **kwargs)
@@ -251,6 +263,8 @@ class AttentionRouter(GraphRouter):
     ``graph`` must be given: a :class:`TokenGraph` (dense probs or the block's q/k/scale/bias) or a dense tensor of
     row-stochastic attention probabilities, (B, H, N, N) or (B, N, N), in the coordinates of ``layout``.
     """
+
+    graph: ClassVar[str] = 'attention'
 
     def build_graph(self, x: Tensor, graph: TokenGraph | None, layout: TokenLayout) -> TokenGraph:
         if graph is None:
