@@ -138,11 +138,12 @@ class Study:
     def report_path(self, docs: Path) -> Path:
         return docs / f'{self.results}.md'
 
-    def figures_dir(self, docs: Path) -> Path:
+    def results_dir(self, docs: Path) -> Path:
+        """The folder of the plots, ``runs/`` (summaries) and ``maps/`` (expert maps)."""
         return docs / self.results
 
     def summaries_dir(self, docs: Path) -> Path:
-        return docs / self.results / 'runs'
+        return self.results_dir(docs) / 'runs'
 
     def summary_path(self, docs: Path, run: str) -> Path:
         return self.summaries_dir(docs) / f'{run}.json'

@@ -136,7 +136,7 @@ def _family_sections(study: Study, summaries: Sequence[Summary], docs: Path) -> 
                   *_severity_table(summaries, main, 'accuracy'), '',
                   'Routing agreement clean vs corrupted per severity:', '',
                   *_severity_table(summaries, main, 'agreement'), '']
-        for name in _figures(study, group, family, study.figures_dir(docs)):
+        for name in _figures(study, group, family, study.results_dir(docs)):
             lines += [f'![{name}]({study.results}/{name})', '']
         for baseline in main:
             ablations = study.ablations(baseline)
@@ -164,7 +164,7 @@ def _hardware_section(summaries: Sequence[Summary]) -> List[str]:
 
 
 def render_report(study: Study, summaries: Sequence[Summary], docs: Path, previous: Optional[str] = None) -> str:
-    """The study's results file from its run summaries (figures are written to ``study.figures_dir(docs)``)."""
+    """The study's results file from its run summaries (figures are written to ``study.results_dir(docs)``)."""
     expected = [r.name for r in select_runs(study)]
     have = {s['run'] for s in summaries}
     missing = [r for r in expected if r not in have]

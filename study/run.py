@@ -99,7 +99,7 @@ def execute_run(study: Study, run: Run, runs_dir: Path, docs: Path, plan: EvalPl
         summary['corruption']['relative_mce'] = relative_ce(summary['corruption']['errors'], errors)['mce']
     maps = sorted((run_dir / 'eval' / 'expert_maps').glob('*.png'))
     if maps and run.seed == run.arm.seeds[0]:  # one map (the deepest MoE layer) per arm, kept small in docs/
-        target = study.figures_dir(docs) / 'maps' / f'{run.name}.png'
+        target = study.results_dir(docs) / 'maps' / f'{run.name}.png'
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(maps[-1], target)
         summary['expert_map'] = os.path.relpath(target, docs)
@@ -124,7 +124,7 @@ def run_study(study: Study, runs: Sequence[Run], runs_dir: Path, docs: Path, bud
         elapsed = clock() - start
         if not fits_budget(elapsed, estimate, budget_s):
             log(f'stopping before {r.name}: it needs ~{estimate / 60:.0f} min and {(budget_s - elapsed) / 60:.0f} '
-                f'min of the budget are left; commit {study.figures_dir(docs)} and continue in the next session')
+                f'min of the budget are left; commit {study.results_dir(docs)} and continue in the next session')
             break
         log(f'== {r.name} (~{estimate / 60:.0f} min)')
         execute(study, r, runs_dir, docs, plan, cache_dir, train_extra, log)
