@@ -30,7 +30,7 @@ def _int_severities(table: ErrorTable) -> Dict[str, Dict[int, float]]:
 
 
 def relative_ce(errors: ErrorTable, reference: ErrorTable, corruptions: Optional[Sequence[str]] = None,
-                severities: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                severities: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     """``{'ce': {c: CE_c}, 'mce': mCE}`` of an error table relative to a reference model's table (100 = same).
 
     ``corruptions`` defaults to those of ``errors`` and ``severities`` to its first corruption's; severity keys may
@@ -99,7 +99,7 @@ def write_json(path: Path, meta: Dict[str, Any], results: Results) -> None:
 
 
 def _f(value: Optional[float], digits: int = 2) -> str:
-    return '–' if value is None else f'{value:.{digits}f}'
+    return format_mean_std([value], digits)
 
 
 def mean_of(values: Iterable[Optional[float]]) -> Optional[float]:
