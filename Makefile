@@ -36,7 +36,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
 
 lint: $(STAMP)
-	$(BIN)/ruff check simoe_vision tests *.py
+	$(BIN)/ruff check simoe_vision study tests *.py
 
 # Train a small-image V-MoE with the similarity router on Fashion-MNIST (~10 min on 2 CPU cores); prints the results
 # table and the run folder.
@@ -52,8 +52,8 @@ demo: setup
 # The small-scale study behind docs/results.md: runs what fits in STUDY_BUDGET minutes, resumable across sessions.
 STUDY_BUDGET ?= 150
 study: setup
-	$(BIN)/python -m simoe_vision.study run --budget-minutes $(STUDY_BUDGET)
-	$(BIN)/python -m simoe_vision.study plan
+	$(BIN)/python -m study run --budget-minutes $(STUDY_BUDGET)
+	$(BIN)/python -m study plan
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,7 @@
 """evaluate.py end to end on a tiny fake Fashion-MNIST with two vmoe_test runs (softmax and similarity router),
 its error paths through the CLI, and the evaluation package's pure helpers worked by hand."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from simoe_vision.evaluation import (
     save_expert_maps,
 )
 from simoe_vision.evaluation.loading import load_model
+from simoe_vision.evaluation.plots import line_plot, pointwise_mean
+from simoe_vision.evaluation.report import format_mean_std, markdown_table, mean_of, mean_std, relative_ce
 from simoe_vision.evaluation.runner import run_clean, run_corruptions
 from simoe_vision.metrics import RoutingRecorder
 from simoe_vision.robustness import imagenet_synsets, read_timm_info
@@ -145,6 +148,39 @@ def test_relative_ce_and_per_severity_by_hand():
     assert 'relative' not in results['soft']['corruptions']
     # severity 1: (10 + 30) / 2 = 20; severity 3: 50 (one corruption); string keys (from JSON) become ints
     assert per_severity({'a': {'1': 10.0, '3': 50.0}, 'b': {'1': 30.0}}) == {1: 20.0, 3: 50.0}
+
+
+def test_relative_ce_reads_json_keyed_tables():
+    # CE_a = mean(0.2, 0.4) / mean(0.4, 0.4) = 0.75; CE_b = mean(0.5, 0.5) / mean(0.25, 0.25) = 2 -> mCE 137.5;
+    # string severities (a summary read back from JSON) against int ones
+    errors = {'a': {'1': 0.2, '2': 0.4}, 'b': {'1': 0.5, '2': 0.5}}
+    reference = {'a': {1: 0.4, 2: 0.4}, 'b': {1: 0.25, 2: 0.25}}
+    scored = relative_ce(errors, reference)
+    assert scored['ce'] == pytest.approx({'a': 0.75, 'b': 2.0}) and scored['mce'] == pytest.approx(137.5)
+    assert relative_ce(errors, reference, corruptions=['a'], severities=['1'])['mce'] == pytest.approx(50.0)  # .2/.4
+
+
+def test_mean_std_format_and_table():
+    # [1, 2, 3, 4]: mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, / (n-1) = 5/3, sqrt = 1.2910
+    mean, std, n = mean_std([1.0, 2.0, None, 3.0, 4.0])
+    assert (mean, n) == (2.5, 4) and std == pytest.approx(math.sqrt(5 / 3))
+    assert mean_std([7.0]) == (7.0, None, 1) and mean_std([None]) == (None, None, 0)
+    assert mean_of([1.0, None, 2.0]) == 1.5 and mean_of([]) is None
+    assert format_mean_std([1.0, 2.0, 3.0, 4.0]) == '2.50 ± 1.29'
+    assert format_mean_std([7.0], 3) == '7.000'
+    assert format_mean_std([None]) == '–'
+    assert format_mean_std([1.0, -1.0], sign=True) == '+0.00 ± 1.41'  # std of (1, -1): sqrt((1 + 1) / 1)
+    assert markdown_table(['a', 'b'], [['1', 2]]) == ['| a | b |', '|---|---|', '| 1 | 2 |']
+
+
+def test_pointwise_mean_and_line_plot(tmp_path):
+    # x 1: (10 + 30) / 2; x 2: 20 (the None is skipped); keys from JSON become ints
+    assert pointwise_mean([{'1': 10.0, '2': None}, {1: 30.0, 2: 20.0}]) == {1: 20.0, 2: 20.0}
+    path = tmp_path / 'sub' / 'curve.png'
+    assert line_plot({'a': {1: 0.5, 2: 0.25}, 'empty': {}}, path, 'epoch', 'y', 'title') == str(path)
+    assert plt.imread(path).shape[:2] == (440, 660)  # 6 x 4 in at 110 dpi
+    assert line_plot({'empty': {}}, tmp_path / 'none.png', 'x', 'y', 't') is None
+    assert not (tmp_path / 'none.png').exists()
 
 
 def test_patch_grid_drops_class_token():

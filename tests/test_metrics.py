@@ -40,10 +40,19 @@ def test_agreement_is_one_on_identical_routing():
     assert routing_agreement(HISTORY[0], HISTORY[1]) == 0.5
 
 
-def test_window_mean():
-    # epochs 2..5 of 10 -> fractions .2 .3 .4 .5; window [.3, .5] keeps 2nd..4th values: (2 + 3 + 4) / 3 = 3.
-    assert window_mean([1, 2, 3, 4], [2, 3, 4, 5], 10, 0.3, 0.5) == 3.0
-    assert math.isnan(window_mean([1], [1], 10, 0.5, 0.9))
+def test_window_mean_hand_worked():
+    # epochs 2..5 of 10 end at .2 .3 .4 .5 of training; (.3, .5] keeps epochs 4 and 5: (3 + 4) / 2 = 3.5 (epoch 3's
+    # change happened between .2 and .3, before the window)
+    assert window_mean([1, 2, 3, 4], [2, 3, 4, 5], 10, 0.3, 0.5) == 3.5
+    # 4 epochs, curve at epochs 2, 3, 4 (ends at .5, .75, 1): 40-90 % -> (.3 + .2) / 2; last 30 % -> (.2 + .1) / 2
+    assert window_mean([0.3, 0.2, 0.1], [2, 3, 4], 4, 0.4, 0.9) == pytest.approx(0.25)
+    assert window_mean([0.3, 0.2, 0.1], [2, 3, 4], 4, 0.7, 1.0) == pytest.approx(0.15)
+    # 10 epochs, value e / 100 at epoch e: 40-90 % -> epochs 5..9 -> 0.07; last 30 % -> 8, 9, 10 -> 0.09
+    epochs = list(range(2, 11))
+    assert window_mean([e / 100 for e in epochs], epochs, 10, 0.4, 0.9) == pytest.approx(0.07)
+    assert window_mean([e / 100 for e in epochs], epochs, 10, 0.7, 1.0) == pytest.approx(0.09)
+    assert window_mean([0.5, None], [2, 3], 4, 0.4, 0.9) == 0.5  # a missing value is skipped
+    assert window_mean([0.5], [2], 2, 0.4, 0.9) is None  # the only value ends at 1.0, outside the window
 
 
 def test_load_cv_and_entropy():

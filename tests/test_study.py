@@ -1,33 +1,39 @@
-"""The study runner: planning and status, budget stop, summary extraction and the generated report (no training:
-fake run folders and evaluate.py results; the real pipeline is exercised by ``python -m simoe_vision.study run
---smoke``)."""
+"""The study driver (``study/``): the declared arms and their configs, planning and the budget stop, running a run
+(subprocesses faked), summary extraction and the generated report (no training: fake run folders and evaluate.py
+results; the real pipeline is exercised by ``python -m study run --smoke``)."""
 import json
-import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-from simoe_vision import study
 from simoe_vision.engine.config import parse_config
+from simoe_vision.metrics import window_mean
+from study import STUDIES, run
+from study.__main__ import main
+from study.design import REPO, Arm, Run, Study, StudyError, arm_config, arm_flags
+from study.plan import estimate_seconds, fits_budget, plan_runs, select_runs
+from study.report import HUMAN_BEGIN, render_report, write_report
+from study.summarize import FLUCTUATION_WINDOWS, load_summaries, summarize_run
+from study.v1 import V1, VMOE
 
-LAYERS = ('blocks.1.mlp', 'blocks.3.mlp')
+HARDWARE = {'platform': 'Linux-test', 'cpu': 'Test CPU', 'cpu_count': 2, 'torch': '2.x', 'python': '3.x'}
 
 
 def _fake_run(root: Path, name: str = 'vmoe_similarity_s0', router: str = 'similarity') -> Path:
     """A finished train.py folder (4 epochs) with an evaluate.py results.json: 2 corruptions x severities 1, 2."""
-    run = root / name
-    (run / 'eval').mkdir(parents=True)
-    (run / 'config.yaml').write_text(yaml.safe_dump({'model': 'vmoe_nano_patch4_32', 'router': router,
-                                                     'router_kwargs': {}, 'epochs': 4}))
-    (run / 'results.json').write_text(json.dumps({'test_top1': 81.5, 'best_val_top1': 82.0, 'best_epoch': 4,
-                                                  'epochs': 4, 'train_time_s': 460.0}))
+    run_dir = root / name
+    (run_dir / 'eval').mkdir(parents=True)
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump({'model': 'vmoe_nano_patch4_32', 'router': router,
+                                                         'router_kwargs': {}, 'epochs': 4}))
+    (run_dir / 'results.json').write_text(json.dumps({'test_top1': 81.5, 'best_val_top1': 82.0, 'best_epoch': 4,
+                                                      'epochs': 4, 'train_time_s': 460.0}))
     rows = [{'epoch': e, 'epoch_time': t, 'train_images': 55000}
             for e, t in zip((1, 2, 3, 4), (100, 110, 120, 130), strict=True)]
-    (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     curves = {'blocks.1.mlp': [0.4, 0.2, 0.1], 'blocks.3.mlp': [0.2, 0.2, 0.1], 'mean': [0.3, 0.2, 0.1]}
-    (run / 'fluctuation.json').write_text(json.dumps({'epochs': [1, 2, 3, 4], 'curves': curves,
-                                                      'curve_epochs': [2, 3, 4]}))
+    (run_dir / 'fluctuation.json').write_text(json.dumps({'epochs': [1, 2, 3, 4], 'curves': curves,
+                                                          'curve_epochs': [2, 3, 4]}))
     cell = lambda top1: {'top1': top1, 'top5': 99.0, 'nll': 0.5, 'ece': 0.01, 'num_samples': 100}  # noqa: E731
     agreement = {'gaussian_noise': {'1': {'blocks.1.mlp': 0.9, 'blocks.3.mlp': 0.8, 'mean': 0.85},
                                     '2': {'blocks.1.mlp': 0.7, 'blocks.3.mlp': 0.6, 'mean': 0.65}},
@@ -47,99 +53,98 @@ def _fake_run(root: Path, name: str = 'vmoe_similarity_s0', router: str = 'simil
                                                                             'adv_top1': 40.0},
                         {'attack': 'pgd', 'eps': 4.0, 'adv_top1': 10.0}],
     }
-    (run / 'eval' / 'results.json').write_text(json.dumps({'meta': {}, 'checkpoints': {name: result}}))
-    return run
-
-
-HARDWARE = {'platform': 'Linux-test', 'cpu': 'Test CPU', 'cpu_count': 2, 'torch': '2.x', 'python': '3.x'}
+    (run_dir / 'eval' / 'results.json').write_text(json.dumps({'meta': {}, 'checkpoints': {name: result}}))
+    return run_dir
 
 
 def _summary(run_dir: Path, arm: str, seed: int, **changes) -> dict:
-    s = study.summarize_run(run_dir, run_dir / 'eval' / 'results.json', arm, seed, ['python train.py ...'],
-                            eval_s=50.0, hardware=HARDWARE)
+    s = summarize_run(run_dir, run_dir / 'eval' / 'results.json', arm, seed, ['python train.py ...'], eval_s=50.0,
+                      hardware=HARDWARE)
     s['run'] = f'{arm}_s{seed}'
-    for key, value in changes.items():
-        s[key] = value
+    s.update(changes)
     return s
 
 
 def _write_summary(docs: Path, summary: dict) -> None:
-    path = study.summary_path(docs, summary['run'])
+    path = V1.summary_path(docs, summary['run'])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary))
 
 
-# ---- pure functions ----
-
-def test_window_mean_hand_worked():
-    # 4 epochs, curve at epochs 2, 3, 4 (ends at 0.5, 0.75, 1.0 of training).
-    # 40-90 %: (0.4, 0.9] holds 0.5 and 0.75 -> (0.3 + 0.2) / 2 = 0.25; last 30 %: (0.7, 1] -> (0.2 + 0.1) / 2 = 0.15
-    assert study.window_mean([2, 3, 4], [0.3, 0.2, 0.1], 4, 0.4, 0.9) == pytest.approx(0.25)
-    assert study.window_mean([2, 3, 4], [0.3, 0.2, 0.1], 4, 0.7, 1.0) == pytest.approx(0.15)
-    # 10 epochs, value e / 100 at epoch e: 40-90 % -> epochs 5..9 -> 0.07; last 30 % -> 8, 9, 10 -> 0.09
-    epochs = list(range(2, 11))
-    assert study.window_mean(epochs, [e / 100 for e in epochs], 10, 0.4, 0.9) == pytest.approx(0.07)
-    assert study.window_mean(epochs, [e / 100 for e in epochs], 10, 0.7, 1.0) == pytest.approx(0.09)
-    assert study.window_mean([2], [0.5], 2, 0.4, 0.9) is None  # the only point ends at 1.0
+def _names(runs) -> list:
+    return [r.name for r in runs]
 
 
-def test_mean_std_and_format():
-    # [1, 2, 3, 4]: mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, / (n-1) = 5/3, sqrt = 1.2910
-    mean, std, n = study.mean_std([1.0, 2.0, None, 3.0, 4.0])
-    assert (mean, n) == (2.5, 4) and std == pytest.approx(math.sqrt(5 / 3))
-    assert study.fmt([1.0, 2.0, 3.0, 4.0]) == '2.50 ± 1.29'
-    assert study.fmt([7.0]) == '7.00'
-    assert study.fmt([None]) == '–'
-    assert study.fmt([1.0, -1.0], sign=True) == '+0.00 ± 1.41'  # std of (1, -1): sqrt((1 + 1) / 1)
+# ---- the declaration: arms, configs, committed results ----
+
+def test_arm_labels_flags_and_merged_settings():
+    tau = V1.arm('vmoe_similarity_tau005')
+    assert tau.label == 'similarity, tau=0.05' and V1.arm('vmoe_softmax').label == 'softmax'
+    assert arm_flags(tau) == ['--router', 'similarity', '--router-kwargs', '{"tau": 0.05}']
+    # a mapping setting updates the base's mapping: the arm names only what it changes (here the capacity factor)
+    dropless = Arm('vmoe_dropless', VMOE, 'softmax', (0,), {'model_kwargs': {'capacity_factor': 4.0},
+                                                            'model_ema': True, 'epochs': 2})
+    config = arm_config(dropless)
+    assert config['model_kwargs'] == {'global_pool': 'avg', 'class_token': False, 'patch_size': 7,
+                                      'capacity_factor': 4.0, 'moe_layout': 'last2'}
+    assert config['model_ema'] is True and config['epochs'] == 2 and config['router'] == 'softmax'
+    assert dropless.label == 'softmax, capacity_factor=4.0, model_ema=True, epochs=2'
 
 
-def test_paired_deltas_only_seeds_both_have():
-    summaries = [{'arm': 'vmoe_similarity', 'seed': s, 'test_top1': v} for s, v in ((0, 80.0), (1, 82.0), (2, 81.0))]
-    summaries += [{'arm': 'vmoe_softmax', 'seed': s, 'test_top1': v} for s, v in ((0, 79.0), (1, 83.0))]
-    # seed 0: 80 - 79 = +1; seed 1: 82 - 83 = -1; seed 2 has no softmax run
-    assert study.paired_deltas(summaries, 'vmoe_similarity', 'vmoe_softmax', lambda s: s['test_top1']) == [1.0, -1.0]
+def test_study_rejects_what_it_does_not_declare():
+    arm = Arm('a', VMOE, 'similarity', (0,), baseline='b')
+    with pytest.raises(StudyError, match=r'a \(baseline b\).*family vmoe \(reference vmoe_softmax\).*smoke arm c'):
+        Study('x', 't', (VMOE,), (arm,), 'setup', ('c',))
 
 
-def test_relative_mce_hand_worked():
-    # CE_a = mean(0.2, 0.4) / mean(0.4, 0.4) = 0.75; CE_b = mean(0.5, 0.5) / mean(0.25, 0.25) = 2 -> mCE 137.5
-    errors = {'a': {'1': 0.2, '2': 0.4}, 'b': {'1': 0.5, '2': 0.5}}
-    reference = {'a': {'1': 0.4, '2': 0.4}, 'b': {'1': 0.25, '2': 0.25}}
-    assert study.relative_mce(errors, reference) == pytest.approx(137.5)
+def test_arms_resolve_to_the_committed_runs_and_differ_only_in_the_router():
+    summaries = load_summaries(V1, REPO / 'docs')
+    assert sorted(s['run'] for s in summaries) == sorted(_names(select_runs(V1)))
+    configs = {a.name: arm_config(a) for a in V1.arms}  # train.py's own validation
+    for s in summaries:
+        config = configs[s['arm']]
+        assert (config['model'], config['router'], config['router_kwargs'], config['epochs']) == \
+            (s['model'], s['router'], s['router_kwargs'], s['epochs'])
+    for family in V1.families:
+        rests = [{k: v for k, v in configs[a.name].items() if k not in ('router', 'router_kwargs')}
+                 for a in V1.arms if a.family == family]
+        assert all(r == rests[0] for r in rests) and rests[0]['val_size'] > 0, f'{family.name} arms differ'
+    # the base alone is the family's reference arm
+    for family in V1.families:
+        assert parse_config(['-c', str(REPO / family.config)]) == configs[family.reference]
+
+
+def test_committed_fluctuation_windows_follow_window_mean():
+    for s in load_summaries(V1, REPO / 'docs'):
+        f = s['fluctuation']
+        for name, (lo, hi) in FLUCTUATION_WINDOWS.items():
+            assert f['windows'][name]['mean'] == window_mean(f['curves']['mean'], f['epochs'], s['epochs'], lo, hi)
+
+
+def test_report_from_the_committed_summaries_is_the_committed_results_md(tmp_path):
+    committed = (REPO / 'docs' / 'results.md').read_text()
+    assert render_report(V1, load_summaries(V1, REPO / 'docs'), tmp_path, committed) == committed
+    assert (tmp_path / 'results' / 'vmoe_fluctuation.png').is_file()
+
+
+# ---- selection, planning and the budget ----
+
+def test_select_runs_order_and_errors():
+    names = _names(select_runs(V1))
+    # the V-MoE comparison seed-major (each seed's softmax reference first), then Swin-MoE, then the ablations
+    assert names[:4] == ['vmoe_softmax_s0', 'vmoe_similarity_s0', 'vmoe_attention_s0', 'vmoe_softmax_s1']
+    assert names[9:12] == ['swinmoe_softmax_s0', 'swinmoe_similarity_s0', 'swinmoe_attention_s0']
+    assert len(names) == 16 and names[-1] == 'vmoe_similarity_alpha05_s0'
+    assert _names(select_runs(V1, ['swinmoe_softmax'], [0, 1])) == ['swinmoe_softmax_s0']
+    with pytest.raises(StudyError, match='unknown arm.*nope.*choose from'):
+        select_runs(V1, ['nope'])
 
 
 def test_fits_budget():
-    assert study.fits_budget(100.0, 50.0, 150.0)
-    assert not study.fits_budget(100.0, 51.0, 150.0)
-    assert study.fits_budget(1e9, 1e9, None)
+    assert fits_budget(100.0, 50.0, 150.0)
+    assert not fits_budget(100.0, 51.0, 150.0)
+    assert fits_budget(1e9, 1e9, None)
 
-
-# ---- arms and configs ----
-
-def test_every_arm_has_a_valid_config_differing_only_in_router():
-    configs = sorted(Path(study.REPO, 'configs').glob('study_*.yaml'))
-    assert sorted(p.stem[len('study_'):] for p in configs) == sorted(study.ARMS)
-    by_family = {}
-    for arm in study.ARMS.values():
-        config = parse_config(['-c', str(study.REPO / arm.config)])  # train.py's own validation
-        assert config['router'] == arm.router and config['val_size'] > 0
-        knob = {k: str(v) for k, v in config['router_kwargs'].items()}
-        assert knob == (dict([arm.knob.split('=')]) if arm.knob else {})
-        rest = {k: v for k, v in config.items() if k not in ('router', 'router_kwargs')}
-        by_family.setdefault(arm.family, []).append(rest)
-    for family, rests in by_family.items():
-        assert all(r == rests[0] for r in rests), f'{family} configs differ beyond the router'
-
-
-def test_select_runs_order_and_errors():
-    names = [r.name for r in study.select_runs()]
-    assert names[:4] == ['vmoe_softmax_s0', 'vmoe_similarity_s0', 'vmoe_attention_s0', 'vmoe_softmax_s1']
-    assert len(names) == 16 and names[-1] == 'vmoe_similarity_alpha05_s0'
-    assert [r.name for r in study.select_runs(['swinmoe_softmax'], [0, 1])] == ['swinmoe_softmax_s0']
-    with pytest.raises(study.StudyError, match='unknown arm.*nope.*choose from'):
-        study.select_runs(['nope'])
-
-
-# ---- planning and the budget ----
 
 def test_plan_statuses_and_estimates(tmp_path):
     runs_dir, docs = tmp_path / 'runs', tmp_path / 'docs'
@@ -148,7 +153,7 @@ def test_plan_statuses_and_estimates(tmp_path):
     partial.mkdir(parents=True)
     (partial / 'last.pt').write_bytes(b'')
     (partial / 'metrics.jsonl').write_text('{"epoch": 1}\n{"epoch": 2}\n')
-    rows = {r['run']: r for r in study.plan_runs(study.select_runs(), runs_dir, docs)}
+    rows = {r['run']: r for r in plan_runs(V1, select_runs(V1), runs_dir, docs)}
     assert rows['vmoe_softmax_s0'] == {'run': 'vmoe_softmax_s0', 'status': 'done', 'estimate_s': 0.0}
     # partial: 8 of 10 epochs left at the V-MoE family's measured 460 / 4 = 115 s each, + 50 s evaluation + 60 s
     # = 1030 s
@@ -158,12 +163,14 @@ def test_plan_statuses_and_estimates(tmp_path):
     assert rows['vmoe_softmax_s1']['estimate_s'] == pytest.approx(1260.0)
     # no run of the arm yet: the V-MoE family's measurement (vmoe_softmax_s0) stands in
     assert rows['vmoe_attention_s0'] == {'run': 'vmoe_attention_s0', 'status': 'todo', 'estimate_s': 1260.0}
+    # Swin-MoE has no measurement: 4 epochs x 24000 / 150 img/s + 500 s evaluation + 60 s = 1200 s
+    assert rows['swinmoe_softmax_s0']['estimate_s'] == pytest.approx(4 * 24000 / 150 + 500 + 60)
 
 
 def test_estimate_without_measurements():
     # 10 epochs x 55000 / 780 img/s = 705.1 s + 150 s evaluation + 60 s overhead = 915.1 s
-    run = study.select_runs(['vmoe_attention'], [0])[0]
-    assert study.estimate_seconds(run, Path('/nonexistent'), []) == pytest.approx(10 * 55000 / 780 + 150 + 60)
+    r = select_runs(V1, ['vmoe_attention'], [0])[0]
+    assert estimate_seconds(V1, r, Path('/nonexistent'), []) == pytest.approx(10 * 55000 / 780 + 150 + 60)
 
 
 def test_run_stops_before_a_run_that_would_exceed_the_budget(tmp_path):
@@ -172,30 +179,67 @@ def test_run_stops_before_a_run_that_would_exceed_the_budget(tmp_path):
     now = [0.0]
     executed = []
 
-    def execute(run, runs_dir_, docs_, plan, cache_dir, extra, log):
-        executed.append(run.name)
-        _write_summary(docs_, _summary(source, run.arm.name, run.seed))
+    def execute(study, r, runs_dir_, docs_, plan, cache_dir, extra, log):
+        executed.append(r.name)
+        _write_summary(docs_, _summary(source, r.arm.name, r.seed))
         now[0] += 1500.0  # each run takes 1500 s of the session's clock
 
-    runs = study.select_runs(['vmoe_softmax', 'vmoe_similarity'], [0])
+    runs = select_runs(V1, ['vmoe_softmax', 'vmoe_similarity'], [0])
     logs = []
-    # budget 2000 s: the first run's estimate (4 x 220 + 300 + 60 = 1240 s) fits; after it, 1500 s have passed and the
-    # next one, estimated from the finished V-MoE run at 460 + 50 + 60 = 570 s, would end at 2070 s > 2000: stop
-    done = study.run_study(runs, runs_dir, docs, 2000.0, study.EvalPlan(), tmp_path / 'cache', log=logs.append,
-                           clock=lambda: now[0], execute=execute)
+    # budget 2000 s: the first run's estimate (915 s, see above) fits; after it, 1500 s have passed and the next one,
+    # estimated from the finished V-MoE run at 10 x 115 + 50 + 60 = 1260 s, would end at 2760 s > 2000: stop
+    done = run.run_study(V1, runs, runs_dir, docs, 2000.0, V1.eval_plan, tmp_path / 'cache', log=logs.append,
+                         clock=lambda: now[0], execute=execute)
     assert done == executed == ['vmoe_softmax_s0']
-    assert 'stopping before vmoe_similarity_s0' in logs[-1] and 'commit docs/results' in logs[-1]
+    assert 'stopping before vmoe_similarity_s0' in logs[-1] and 'commit ' + str(docs / 'results') in logs[-1]
     # the next session skips the finished run and does the rest
-    done = study.run_study(runs, runs_dir, docs, 2000.0, study.EvalPlan(), tmp_path / 'cache', log=logs.append,
-                           clock=lambda: now[0], execute=execute)
+    done = run.run_study(V1, runs, runs_dir, docs, 2000.0, V1.eval_plan, tmp_path / 'cache', log=logs.append,
+                         clock=lambda: now[0], execute=execute)
     assert done == ['vmoe_similarity_s0']
+
+
+# ---- running one run (train.py / evaluate.py faked) ----
+
+def test_execute_run_trains_evaluates_and_summarises(tmp_path, monkeypatch):
+    runs_dir, docs = tmp_path / 'runs', tmp_path / 'docs'
+    calls = []
+
+    def fake_call(cmd, log):
+        calls.append(run.command_text(cmd))
+        if cmd[1].endswith('train.py'):
+            maps = _fake_run(runs_dir, cmd[cmd.index('--experiment') + 1]) / 'eval' / 'expert_maps'
+            maps.mkdir()
+            (maps / 'blocks.3.mlp.png').write_bytes(b'png')
+        return 0
+
+    monkeypatch.setattr(run, '_call', fake_call)
+    reference = _fake_run(runs_dir, 'vmoe_softmax_s0', 'softmax')
+    reference_errors = {'gaussian_noise': {'1': 0.4, '2': 0.4}, 'contrast': {'1': 0.2, '2': 0.2}}
+    _write_summary(docs, _summary(reference, 'vmoe_softmax', 0,
+                                  corruption={'errors': reference_errors, 'per_severity': {}}))
+    tau = Run(V1.arm('vmoe_similarity_tau005'), 0)
+    summary = run.execute_run(V1, tau, runs_dir, docs, V1.eval_plan, tmp_path / 'cache', [], log=lambda m: None)
+    train, evaluate = calls
+    assert train.startswith('python train.py -c configs/study/vmoe_base.yaml --router similarity --router-kwargs '
+                            '\'{"tau": 0.05}\' --seed 0 ')
+    assert f'--reference {runs_dir}/vmoe_softmax_s0/eval/results.json' in evaluate
+    assert summary['commands'] == calls
+    # CE gaussian_noise = mean(.2, .4) / .4 = .75, contrast = mean(.3, .5) / .2 = 2 -> mCE 137.5
+    assert summary['corruption']['relative_mce'] == pytest.approx(137.5)
+    assert summary['expert_map'] == 'results/maps/vmoe_similarity_tau005_s0.png'
+    assert (docs / summary['expert_map']).read_bytes() == b'png'
+    assert json.loads(V1.summary_path(docs, tau.name).read_text()) == summary
+    # done training and evaluation are not redone
+    calls.clear()
+    run.execute_run(V1, tau, runs_dir, docs, V1.eval_plan, tmp_path / 'cache', [], log=lambda m: None)
+    assert calls == []
 
 
 # ---- summary extraction ----
 
 def test_summarize_run_hand_worked(tmp_path):
-    s = study.summarize_run(_fake_run(tmp_path), tmp_path / 'vmoe_similarity_s0' / 'eval' / 'results.json',
-                            'vmoe_similarity', 0, ['cmd'], eval_s=50.0, hardware=HARDWARE)
+    s = summarize_run(_fake_run(tmp_path), tmp_path / 'vmoe_similarity_s0' / 'eval' / 'results.json',
+                      'vmoe_similarity', 0, ['cmd'], eval_s=50.0, hardware=HARDWARE)
     assert (s['run'], s['test_top1'], s['val_top1'], s['eval']['clean_top1']) == ('vmoe_similarity_s0', 81.5, 82.0,
                                                                                    85.0)
     # per severity: s1 = (80 + 70) / 2 = 75; s2 = (60 + 50) / 2 = 55
@@ -207,7 +251,8 @@ def test_summarize_run_hand_worked(tmp_path):
     assert s['routing']['agreement']['1']['blocks.1.mlp'] == pytest.approx(0.8)
     assert s['routing']['agreement']['2']['mean'] == pytest.approx(0.55)  # (0.65 + 0.45) / 2
     assert s['routing']['load_cv_mean'] == pytest.approx(0.3)  # (0.2 + 0.4) / 2
-    # fluctuation windows (see test_window_mean_hand_worked): mean curve 0.25 and 0.15; blocks.3.mlp 0.2 and 0.15
+    # fluctuation over 4 epochs, curve at epochs 2, 3, 4: 40-90 % keeps epochs 2, 3 -> (0.3 + 0.2) / 2 = 0.25;
+    # last 30 % keeps 3, 4 -> 0.15; blocks.3.mlp 0.2 and 0.15
     assert s['fluctuation']['windows']['40-90%']['mean'] == pytest.approx(0.25)
     assert s['fluctuation']['windows']['last 30%']['mean'] == pytest.approx(0.15)
     assert s['fluctuation']['windows']['40-90%']['blocks.3.mlp'] == pytest.approx(0.2)
@@ -217,10 +262,10 @@ def test_summarize_run_hand_worked(tmp_path):
 
 
 def test_summarize_run_missing_file(tmp_path):
-    run = _fake_run(tmp_path)
-    (run / 'results.json').unlink()
-    with pytest.raises(study.StudyError, match='results.json is missing: finish the run first'):
-        study.summarize_run(run, run / 'eval' / 'results.json', 'vmoe_similarity', 0, [])
+    run_dir = _fake_run(tmp_path)
+    (run_dir / 'results.json').unlink()
+    with pytest.raises(StudyError, match='results.json is missing: finish the run first'):
+        summarize_run(run_dir, run_dir / 'eval' / 'results.json', 'vmoe_similarity', 0, [])
 
 
 # ---- report ----
@@ -232,10 +277,11 @@ def test_report_tables_conclusions_missing_runs_and_human_text(tmp_path):
         _write_summary(docs, _summary(source, 'vmoe_softmax', seed, test_top1=top1))
     for seed, top1 in ((0, 81.0), (1, 81.0)):
         _write_summary(docs, _summary(source, 'vmoe_similarity', seed, test_top1=top1))
-    path = study.write_report(docs)
+    path = write_report(V1, docs)
     text = path.read_text()
     assert 'Runs missing: vmoe_attention_s0, vmoe_attention_s1, vmoe_softmax_s2,' in text
     assert '4 of 16 runs done' in text
+    assert '### vmoe ablations (1 seed; baseline: similarity, tau 0.1, mix probs, alpha 1)' in text
     assert '| similarity | 1/1 | 81.00 |' in text and '| similarity, tau=0.05 | 0/1 | – |' in text  # ablations: seed 0
     # softmax 80, 82 -> 81.00 ± 1.41; similarity 81, 81 -> 81.00 ± 0.00; 2 of 3 seeds
     assert '| softmax | 2/3 | 81.00 ± 1.41 |' in text
@@ -244,33 +290,36 @@ def test_report_tables_conclusions_missing_runs_and_human_text(tmp_path):
     # paired: seed 0 +1, seed 1 -1 -> +0.00 ± 1.41 pp; relative mCE vs itself-equal errors: 100 - 100 = 0
     assert '- vmoe similarity − softmax, test top-1 (%): +0.00 ± 1.41 pp over 2 seed(s)' in text
     assert '- vmoe similarity − softmax, mCE vs softmax (%): +0.00 ± 0.00 over 2 seed(s)' in text
+    assert '- swinmoe' not in text  # no paired Swin-MoE runs
     assert (docs / 'results' / 'vmoe_fluctuation.png').is_file()
     assert '![vmoe_accuracy_vs_severity.png](results/vmoe_accuracy_vs_severity.png)' in text
-    assert study.HUMAN_BEGIN in text and 'Test CPU' in text
+    assert "--router similarity --router-kwargs '{\"tau\": 0.05}' --seed S" in text
+    assert HUMAN_BEGIN in text and 'Test CPU' in text and V1.commands_note in text
     # the human-written conclusion survives regeneration
     edited = text.replace('_To be written by a person', 'Similarity routing helps a little. _To be written')
     path.write_text(edited)
-    assert 'Similarity routing helps a little.' in study.write_report(docs).read_text()
+    assert 'Similarity routing helps a little.' in write_report(V1, docs).read_text()
 
 
 def test_cli_plan_and_errors(tmp_path, capsys):
-    assert study.main(['plan', '--runs-dir', str(tmp_path / 'r'), '--docs', str(tmp_path / 'd'),
-                       '--arms', 'vmoe_softmax']) == 0
+    assert main(['plan', '--runs-dir', str(tmp_path / 'r'), '--docs', str(tmp_path / 'd'),
+                 '--arms', 'vmoe_softmax']) == 0
     out = capsys.readouterr().out
     assert 'vmoe_softmax_s2' in out and 'todo' in out and '0/3 done' in out
-    assert study.main(['plan', '--arms', 'nope']) == 2
+    assert main(['plan', '--arms', 'nope']) == 2
     assert 'unknown arm(s) nope' in capsys.readouterr().err
-    assert study.main(['run', '--smoke', '--docs', str(tmp_path)]) == 2
+    assert main(['run', '--smoke', '--docs', str(tmp_path)]) == 2
     assert '--smoke writes to a temporary folder' in capsys.readouterr().err
+    assert list(STUDIES) == ['v1'] and STUDIES['v1'] is V1
 
 
 @pytest.mark.slow
 def test_smoke_end_to_end(tmp_path, monkeypatch, capsys):
     """The real pipeline (train.py and evaluate.py subprocesses) on vmoe_test, in a temporary folder (~1-2 min)."""
     monkeypatch.setattr('tempfile.tempdir', str(tmp_path))
-    assert study.main(['run', '--smoke', '--seeds', '0']) == 0
+    assert main(['run', '--smoke', '--seeds', '0']) == 0
     root = next(tmp_path.glob('simoe-study-smoke-*'))
-    summaries = study.load_summaries(root / 'docs')
+    summaries = load_summaries(V1, root / 'docs')
     assert [s['run'] for s in summaries] == ['vmoe_similarity_s0', 'vmoe_softmax_s0']
     assert summaries[0]['corruption']['relative_mce'] > 0 and summaries[0]['eval']['images'] == 32
     assert 'vmoe similarity − softmax, test top-1' in (root / 'docs' / 'results.md').read_text()

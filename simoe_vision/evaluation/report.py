@@ -1,12 +1,15 @@
 """Results of an evaluation run: ``results.json`` (everything, per checkpoint), ``results.md`` (tables) and a rich
 summary table on the terminal. Relative corruption errors against a softmax-router model are computed here, once
-every checkpoint has been evaluated."""
+every checkpoint has been evaluated.
+
+The table and statistics helpers (``markdown_table``, ``mean_of``, ``mean_std``, ``format_mean_std``,
+``relative_ce``) are shared with the study driver (``study/``), which reports the same quantities over seeds."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -14,9 +17,29 @@ from rich.table import Table
 from ..robustness import mean_corruption_error
 from .plots import per_severity
 
-__all__ = ['add_relative_ce', 'load_reference', 'markdown_report', 'rich_summary', 'write_json']
+__all__ = ['add_relative_ce', 'format_mean_std', 'load_reference', 'markdown_report', 'markdown_table', 'mean_of',
+           'mean_std', 'relative_ce', 'rich_summary', 'write_json']
 
 Results = Dict[str, Dict[str, Any]]
+ErrorTable = Mapping[str, Mapping[Any, float]]
+
+
+def _int_severities(table: ErrorTable) -> Dict[str, Dict[int, float]]:
+    """An error table with its severity keys as ints (JSON files store them as strings)."""
+    return {c: {int(s): e for s, e in by_s.items()} for c, by_s in table.items()}
+
+
+def relative_ce(errors: ErrorTable, reference: ErrorTable, corruptions: Optional[Sequence[str]] = None,
+                severities: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+    """``{'ce': {c: CE_c}, 'mce': mCE}`` of an error table relative to a reference model's table (100 = same).
+
+    ``corruptions`` defaults to those of ``errors`` and ``severities`` to its first corruption's; severity keys may
+    be ints or strings (as read back from a ``results.json`` or a study summary)."""
+    table, ref = _int_severities(errors), _int_severities(reference)
+    corruptions = list(corruptions if corruptions is not None else table)
+    severities = [int(s) for s in severities] if severities is not None else sorted(table[corruptions[0]])
+    scored = mean_corruption_error(table, ref, corruptions, severities)
+    return {'ce': scored['ce'], 'mce': scored['mce']}
 
 
 def load_reference(path: str) -> tuple[str, Dict[str, Dict[int, float]]]:
@@ -33,9 +56,7 @@ def load_reference(path: str) -> tuple[str, Dict[str, Dict[int, float]]]:
     if not with_errors:
         raise ValueError(f'--reference {path} holds no corruption results (run it with --suite c)')
     label = next((k for k, v in with_errors.items() if v.get('router') == 'softmax'), next(iter(with_errors)))
-    table = with_errors[label]['corruptions']['errors']
-    errors = {c: {int(s): e for s, e in by_s.items()} for c, by_s in table.items()}
-    return f'{label} ({path})', errors
+    return f'{label} ({path})', _int_severities(with_errors[label]['corruptions']['errors'])
 
 
 def add_relative_ce(results: Results, reference: Optional[tuple[str, Dict]] = None) -> None:
@@ -59,8 +80,8 @@ def add_relative_ce(results: Results, reference: Optional[tuple[str, Dict]] = No
             if missing:
                 raise ValueError(f'reference {ref_label} has no results for {", ".join(missing)}; evaluate it on the '
                                  'same corruptions')
-            scored = mean_corruption_error(corr['errors'], ref_errors, corr['corruptions'], corr['severities'])
-            corr.setdefault('relative', {})[ref_label] = {'ce': scored['ce'], 'mce': scored['mce']}
+            corr.setdefault('relative', {})[ref_label] = relative_ce(corr['errors'], ref_errors, corr['corruptions'],
+                                                                     corr['severities'])
 
 
 def _jsonable(obj: Any) -> Any:
@@ -78,14 +99,35 @@ def write_json(path: Path, meta: Dict[str, Any], results: Results) -> None:
 
 
 def _f(value: Optional[float], digits: int = 2) -> str:
-    return '–' if value is None else f'{value:.{digits}f}'
+    return format_mean_std([value], digits)
 
 
-def _mean(values: Sequence[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
+def mean_of(values: Iterable[Optional[float]]) -> Optional[float]:
+    """Mean of the non-missing values; None when there are none."""
+    xs = [v for v in values if v is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
-def _table(header: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
+def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
+    """(mean, sample standard deviation (n - 1), n) of the non-missing values; std is None below two values."""
+    xs = [v for v in values if v is not None]
+    mean = mean_of(xs)
+    if mean is None or len(xs) < 2:
+        return mean, None, len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)), len(xs)
+
+
+def format_mean_std(values: Iterable[Optional[float]], digits: int = 2, sign: bool = False) -> str:
+    """'m ± s' over two or more values (e.g. seeds), 'm' for one, '–' for none; ``sign`` prefixes + to m >= 0."""
+    mean, std, _ = mean_std(values)
+    if mean is None:
+        return '–'
+    text = f'{mean:+.{digits}f}' if sign else f'{mean:.{digits}f}'
+    return text if std is None else f'{text} ± {std:.{digits}f}'
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
+    """The lines of a GitHub-markdown table."""
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
     return lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
 
@@ -124,14 +166,14 @@ def markdown_report(meta: Dict[str, Any], results: Results, figures: Dict[str, s
     clean = [[k, r['router'], _f(r['clean']['top1']), _f(r['clean']['top5']), _f(r['clean']['nll'], 3),
               _f(r['clean']['ece'], 3)] for k, r in results.items() if 'clean' in r]
     if clean:
-        out += ['## Clean', ''] + _table(['model', 'router', 'top-1', 'top-5', 'NLL', 'ECE'], clean) + ['']
+        out += ['## Clean', ''] + markdown_table(['model', 'router', 'top-1', 'top-5', 'NLL', 'ECE'], clean) + ['']
     header, rows = _corruption_rows(results)
     if rows:
         source = next(r['corruptions']['source'] for r in results.values() if 'corruptions' in r)
         out += [f'## Corruptions ({source})', '',
                 'Top-1 (%) per severity averaged over corruptions; mean error = unnormalised mCE (100 x mean top-1 '
                 'error); relative mCE = 100 x mean over corruptions of (error / reference error).', '']
-        out += _table(header, rows) + ['']
+        out += markdown_table(header, rows) + ['']
         corruptions = next(r['corruptions']['corruptions'] for r in results.values() if 'corruptions' in r)
         ce_header = ['corruption'] + [f'{k} error (%)' for k, r in results.items() if 'corruptions' in r]
         refs = [(k, ref) for k, r in results.items() for ref in r.get('corruptions', {}).get('relative', {})]
@@ -141,16 +183,17 @@ def markdown_report(meta: Dict[str, Any], results: Results, figures: Dict[str, s
             row = [c] + [_f(100 * r['corruptions']['mean_error'][c]) for r in results.values() if 'corruptions' in r]
             row += [_f(results[k]['corruptions']['relative'][ref]['ce'][c], 3) for k, ref in refs]
             ce_rows.append(row)
-        out += ['### Per corruption', ''] + _table(ce_header, ce_rows) + ['']
+        out += ['### Per corruption', ''] + markdown_table(ce_header, ce_rows) + ['']
     ar = [[k] + [_f(r[key]['top1']) if key in r else '–' for key in ('imagenet_a', 'imagenet_r')]
           for k, r in results.items() if 'imagenet_a' in r or 'imagenet_r' in r]
     if ar:
-        out += ['## ImageNet-A / ImageNet-R (top-1 %)', ''] + _table(['model', 'ImageNet-A', 'ImageNet-R'], ar) + ['']
+        out += ['## ImageNet-A / ImageNet-R (top-1 %)', '']
+        out += markdown_table(['model', 'ImageNet-A', 'ImageNet-R'], ar) + ['']
     adv = [[k, a['attack'].upper(), f"{a['eps']:g}/255", str(a['steps']), _f(a['clean_top1']), _f(a['adv_top1']),
             str(a['num_samples'])] for k, r in results.items() for a in r.get('adversarial', [])]
     if adv:
-        out += ['## Adversarial (L∞)', ''] + _table(['model', 'attack', 'eps', 'steps', 'clean top-1',
-                                                      'top-1 under attack', 'images'], adv) + ['']
+        out += ['## Adversarial (L∞)', ''] + markdown_table(['model', 'attack', 'eps', 'steps', 'clean top-1',
+                                                            'top-1 under attack', 'images'], adv) + ['']
     severities = _severities(results)
     agree = []
     for k, r in results.items():
@@ -163,14 +206,14 @@ def markdown_report(meta: Dict[str, Any], results: Results, figures: Dict[str, s
             agree.append([k, layer] + [_f(points.get(s), 3) for s in severities])
     if agree:
         out += ['## Routing agreement (clean vs corrupted, top-1 expert, mean over corruptions)', '']
-        out += _table(['model', 'layer'] + [f's{s}' for s in severities], agree) + ['']
+        out += markdown_table(['model', 'layer'] + [f's{s}' for s in severities], agree) + ['']
     load = [[k, layer, _f(v['load_cv'], 3), _f(100 * v['dropped_fraction']), _f(v['entropy'], 3),
              ' '.join(f'{x:.2f}' for x in v['load'])]
             for k, r in results.items() for layer, v in r.get('routing', {}).get('layers', {}).items()]
     if load:
         out += ['## Expert load (clean images)', '']
-        out += _table(['model', 'layer', 'load CV', 'dropped (%)', 'entropy (nats)', 'token share per expert'],
-                      load) + ['']
+        out += markdown_table(['model', 'layer', 'load CV', 'dropped (%)', 'entropy (nats)',
+                               'token share per expert'], load) + ['']
     if figures:
         out += ['## Figures', ''] + [f'![{name}]({path})' for name, path in figures.items()] + ['']
     return '\n'.join(out)
@@ -197,6 +240,6 @@ def rich_summary(results: Results, console: Console) -> None:
                _f(corr.get('mean_corruption_accuracy')), _f(corr.get('mce'))]
         row += [_f(corr.get('alexnet', {}).get('mce'))] if alexnet else []
         row += [_f(relative)] + [_f(adv.get(a), 1) for a in attacks]
-        row += [_f(_mean(agreement), 3), _f(_mean(cvs), 3)]
+        row += [_f(mean_of(agreement), 3), _f(mean_of(cvs), 3)]
         table.add_row(*row)
     console.print(table)

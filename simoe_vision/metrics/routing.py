@@ -1,7 +1,7 @@
 """Routing metrics as pure functions over top-1 expert indices and routing probabilities (DESIGN.md section 5)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -37,10 +37,17 @@ def last_fluctuation_epoch(history: Tensor) -> Tensor:
     return (changed * steps).amax(dim=0) if changed.shape[0] else torch.zeros_like(history[0], dtype=torch.long)
 
 
-def window_mean(values: Sequence[float], epochs: Sequence[int], total_epochs: int, start: float, end: float) -> float:
-    """Mean of per-epoch ``values`` over the epochs e with ``start <= e / total_epochs <= end`` (nan if none)."""
-    chosen = [v for v, e in zip(values, epochs, strict=True) if start <= e / total_epochs <= end]
-    return sum(chosen) / len(chosen) if chosen else float('nan')
+def window_mean(values: Sequence[Optional[float]], epochs: Sequence[int], total_epochs: int, start: float,
+                end: float) -> Optional[float]:
+    """Mean of a per-epoch curve over the part ``(start, end]`` of training (fractions of ``total_epochs``).
+
+    A curve value at epoch e (e.g. the fluctuation between the ends of epochs e-1 and e) belongs to the part of
+    training ending at e / total_epochs, so the window keeps the e with ``start < e / total_epochs <= end``: over 10
+    epochs, 40-90 % is epochs 5..9 (the changes from the end of epoch 4 to the end of epoch 9) and the last 30 % is
+    8..10. Missing values (None) are skipped; None when the window holds no value.
+    """
+    chosen = [v for v, e in zip(values, epochs, strict=True) if start < e / total_epochs <= end and v is not None]
+    return sum(chosen) / len(chosen) if chosen else None
 
 
 def load_cv(load: Tensor) -> float:
