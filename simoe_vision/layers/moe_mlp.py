@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..routers import RoutingOutput, TokenGraph, TokenLayout, create_router
+from ..routers import RoutingOutput, TokenGraph, TokenLayout, create_router, expert_counts
 from .config import MoeConfig
 from .dispatch import assign_slots, expert_capacity
 from .experts import Experts
@@ -146,7 +146,7 @@ class MoeMlp(nn.Module):
         expert = routing.indices.reshape(-1)[pairs]
         order = expert.argsort(stable=True)
         pairs = pairs[order]
-        counts = torch.bincount(expert, minlength=self.num_experts)
+        counts = expert_counts(expert, self.num_experts)
         token = pairs // k
         expert_out = self.experts.forward_grouped(x[token], counts.tolist())
         contrib = expert_out * routing.weights.reshape(-1)[pairs].unsqueeze(-1).to(expert_out.dtype)

@@ -8,7 +8,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ['cv_squared', 'importance_loss', 'load_loss', 'switch_balance_loss', 'z_loss']
+__all__ = ['expert_counts', 'cv_squared', 'importance_loss', 'load_loss', 'switch_balance_loss', 'z_loss']
+
+
+def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
+    """How many of ``indices`` (any shape, values in [0, E)) name each expert, (E,) long.
+
+    ``bincount`` with a fixed length: its output shape does not depend on the data, so torch.compile and
+    torch.export trace it without a graph break.
+    """
+    flat = indices.reshape(-1)
+    return flat.new_zeros(num_experts).index_add_(0, flat, torch.ones_like(flat))
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -42,7 +52,7 @@ def switch_balance_loss(probs: Tensor, indices: Tensor) -> Tensor:
     Equals 1 under perfectly uniform routing and grows with imbalance.
     """
     num_experts = probs.shape[-1]
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = expert_counts(indices, num_experts).to(probs.dtype)
     fraction = counts / indices.numel()
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 

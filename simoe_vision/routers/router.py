@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import TokenGraph, TokenLayout, similarity_graph
-from .losses import importance_loss, load_loss, switch_balance_loss, z_loss
+from .losses import expert_counts, importance_loss, load_loss, switch_balance_loss, z_loss
 
 __all__ = ['GRAPH_SOURCES', 'RoutingOutput', 'Router', 'SoftmaxRouter', 'GraphRouter', 'SimilarityRouter',
            'AttentionRouter', 'select_top_k']
@@ -162,7 +162,7 @@ class Router(nn.Module):
         aux = (self.balance_weight * (losses['importance_loss'] + losses['load_loss'] + losses['switch_loss'])
                + self.z_loss_weight * losses['z_loss'])
         with torch.no_grad():
-            load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float() / indices.numel()
+            load = expert_counts(indices, self.num_experts).float() / indices.numel()
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
         stats = {name: value.detach() for name, value in losses.items()}
         stats.update(load=load, entropy=entropy, importance=sel_probs.detach().mean(dim=0))
