@@ -23,6 +23,7 @@ import random
 import re
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -32,11 +33,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ['BEST', 'CheckpointError', 'DiskFullError', 'INTERRUPTED', 'LAST', 'atomic_write', 'atomic_write_text',
-           'capture_rng', 'checkpoint_tag', 'commit_checkpoint', 'committed_files', 'describe_load_failure',
-           'discard_staged', 'is_disk_full', 'load_checkpoint', 'new_save_id', 'recover_run_folder',
-           'resolve_checkpoint', 'restore_rng', 'save_checkpoint', 'save_weights', 'saved_config', 'stage_checkpoint',
-           'weights_metadata']
+__all__ = ['BEST', 'CheckpointError', 'DiskFullError', 'INTERRUPTED', 'LAST', 'SAVE_ID', 'atomic_write',
+           'atomic_write_text', 'capture_rng', 'checkpoint_tag', 'commit_checkpoint', 'committed_files',
+           'describe_load_failure', 'discard_staged', 'is_disk_full', 'load_checkpoint', 'new_save_id',
+           'recover_run_folder', 'resolve_checkpoint', 'restore_rng', 'safe_load', 'save_checkpoint', 'save_weights',
+           'saved_config', 'stage_checkpoint', 'weights_metadata']
 
 CONFIG_METADATA_KEY = 'simoe_vision.config'
 SAVE_ID = 'save_id'  # key of the save id in the weights' metadata and in the training state
@@ -217,9 +218,17 @@ def save_checkpoint(run_dir: str | Path, tag: str, model: nn.Module, state: Dict
     return commit_checkpoint(run_dir, tag)
 
 
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, without torch's warnings about odd files (the caller reports
+    a failure in one line: :func:`describe_load_failure`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def _read_state(pt: Path) -> Dict[str, Any]:
     try:
-        return torch.load(pt, map_location='cpu', weights_only=True)
+        return safe_load(pt)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise CheckpointError(f'cannot read checkpoint {pt}: {describe_load_failure(e)}') from None
 

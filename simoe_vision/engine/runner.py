@@ -226,8 +226,12 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
     start_epoch, best = 0, _no_best()
     run_dir = Path(config['output']) / config['experiment']
     rows: List[Dict[str, Any]] = []
+    if env.is_main and run_dir.is_dir():
+        recover_run_folder(run_dir)  # finish or discard what a killed save left, before anything reads or writes
+    if env.distributed:
+        dist.barrier()
     if config['resume']:
-        start_epoch, best = _restore(run_dir, core, optimizer, tracker, ema, env, display)
+        start_epoch, best = _restore(run_dir, core, optimizer, tracker, ema, display)
         _check_resumed_length(config, start_epoch, run_dir)
         rows = _read_rows(run_dir, start_epoch)
     if env.is_main:
@@ -303,14 +307,9 @@ def _no_best() -> Dict[str, Any]:
 
 
 def _restore(run_dir: Path, core: nn.Module, optimizer: torch.optim.Optimizer, tracker: FluctuationTracker,
-             ema: Optional[ModelEmaV3], env: DistEnv, display: Display) -> Tuple[int, Dict[str, Any]]:
-    """Load the run's committed ``last`` checkpoint, after rank 0 finished or discarded a save a killed process
-    left; returns (epochs done, best). A run folder without a finished epoch starts again from epoch 1 (exact: the
-    initial weights come from the seed)."""
-    if env.is_main:
-        recover_run_folder(run_dir)
-    if env.distributed:
-        dist.barrier()
+             ema: Optional[ModelEmaV3], display: Display) -> Tuple[int, Dict[str, Any]]:
+    """Load the run's committed ``last`` checkpoint; returns (epochs done, best). A run folder without a finished
+    epoch starts again from epoch 1 (exact: the initial weights come from the seed)."""
     if committed_files(run_dir, LAST) is None:
         display.print(f'{run_dir} has no finished epoch: training it from epoch 1 with its saved config')
         return 0, _no_best()
@@ -436,7 +435,7 @@ def _saved_note(run_dir: Optional[Path]) -> str:
     files = committed_files(run_dir, LAST) if run_dir is not None else None
     if files is None:
         return 'no epoch had finished, so no checkpoint was saved'
-    return f'{files[1]} (epoch {weights_metadata(files[0])["epoch"]}) is intact'
+    return f'{run_dir / "last.pt"} (epoch {weights_metadata(files[0])["epoch"]}) is intact'
 
 
 def _failure_line(error: Exception, env: Optional[DistEnv], run_dir: Optional[Path]) -> Optional[str]:

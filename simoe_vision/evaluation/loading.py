@@ -22,7 +22,15 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..engine.checkpoint import BEST, LAST, CheckpointError, committed_files, describe_load_failure, saved_config
+from ..engine.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    committed_files,
+    describe_load_failure,
+    safe_load,
+    saved_config,
+)
 from ..engine.config import OPTIONS, ConfigError, convert_value
 from ..engine.data import data_config_for
 
@@ -57,7 +65,7 @@ def read_weights(path: Path) -> Dict[str, Tensor]:
     try:
         if path.suffix == '.safetensors':
             return load_file(str(path))
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = safe_load(path)
     except Exception as e:  # noqa: BLE001 - any read failure means the file is unusable
         reason = e if path.suffix == '.safetensors' else describe_load_failure(e)
         raise CheckpointError(f'cannot read weights {path}: {reason}') from None
