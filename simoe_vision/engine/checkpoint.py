@@ -62,6 +62,15 @@ def is_disk_full(error: BaseException) -> bool:
     return 'unexpected pos' in text or 'No space left on device' in text or 'os error 28' in text
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # what open() would give a new file (mkstemp's temp files are private: 0600)
+
+
 def _remove(path: str | Path) -> None:
     try:
         os.unlink(path)
@@ -88,6 +97,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # after write: a writer may replace the file
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)

@@ -226,10 +226,6 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
     start_epoch, best = 0, _no_best()
     run_dir = Path(config['output']) / config['experiment']
     rows: List[Dict[str, Any]] = []
-    if env.is_main and run_dir.is_dir():
-        recover_run_folder(run_dir)  # finish or discard what a killed save left, before anything reads or writes
-    if env.distributed:
-        dist.barrier()
     if config['resume']:
         start_epoch, best = _restore(run_dir, core, optimizer, tracker, ema, display)
         _check_resumed_length(config, start_epoch, run_dir)
@@ -304,6 +300,14 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
 
 def _no_best() -> Dict[str, Any]:
     return {'val_top1': -1.0, 'epoch': 0}
+
+
+def _recover(run_dir: Path, env: DistEnv) -> None:
+    """Rank 0 finishes or discards what a killed save left in the run folder, before any process reads it."""
+    if env.is_main and run_dir.is_dir():
+        recover_run_folder(run_dir)
+    if env.distributed:
+        dist.barrier()
 
 
 def _restore(run_dir: Path, core: nn.Module, optimizer: torch.optim.Optimizer, tracker: FluctuationTracker,
@@ -441,7 +445,7 @@ def _saved_note(run_dir: Optional[Path]) -> str:
 def _failure_line(error: Exception, env: Optional[DistEnv], run_dir: Optional[Path]) -> Optional[str]:
     """The one error line of a run that failed for a reason outside the config (full disk, a lost process), or
     None for anything else (a bug: its traceback is the report)."""
-    if is_disk_full(error):
+    if is_disk_full(error) and run_dir is not None:
         where = getattr(error, 'filename', None) or run_dir
         return (f'{run_dir}: No space left on device (writing {where}); {_saved_note(run_dir)}: free space, then '
                 f'resume with --resume {run_dir}')
@@ -467,11 +471,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if env.distributed:  # one run folder for all processes: rank 0's timestamp
                 dist.broadcast_object_list(name, src=0)
             config['experiment'] = name[0]
-            existing = Path(config['output']) / config['experiment']
-            if committed_files(existing, LAST) is not None:  # never overwrite a run that was saved
-                raise ConfigError(f'{existing} already holds a run; continue it with --resume {existing}, or '
-                                  'choose another --experiment/--output')
         run_dir = Path(config['output']) / config['experiment']
+        _recover(run_dir, env)
+        if not config['resume'] and committed_files(run_dir, LAST) is not None:  # never overwrite a saved run
+            raise ConfigError(f'{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another '
+                              '--experiment/--output')
         display = Display(enabled=env.is_main, progress=config['progress'])
         if changes:
             display.print(f'resuming with changed settings, applied from the resumed epoch on: {", ".join(changes)}')
