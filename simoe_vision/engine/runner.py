@@ -58,7 +58,7 @@ from .loop import NonFiniteLossError, divergence_hint, evaluate, record_probe, t
 
 __all__ = ['StopSignal', 'epoch_row', 'fluctuation_report', 'main', 'run']
 
-EXIT_ERROR = 1  # training failed (non-finite loss)
+EXIT_ERROR = 1  # training failed: non-finite loss or weights, full disk, a lost DDP process
 EXIT_USAGE = 2  # bad config or data: nothing was trained
 INVOCATION_KEYS = ('resume', 'stop_after')  # settings of one invocation that a resumed run does not inherit
 # settings a resumed run may change; they apply from the resumed epoch on (the lr schedule is recomputed from the
@@ -377,6 +377,7 @@ def _state(optimizer: torch.optim.Optimizer, tracker: FluctuationTracker, ema: O
 
 
 def _mid_epoch_refusal(folder: Path) -> CheckpointError:
+    """The error refusing to resume from ``interrupted.pt``, with the command that works."""
     files = committed_files(folder, INTERRUPTED)
     during = f' during epoch {int(weights_metadata(files[0])["epoch"]) + 1}' if files else ''
     restart = 'from last.pt' if committed_files(folder, LAST) else 'from the start'

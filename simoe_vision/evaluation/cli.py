@@ -208,7 +208,8 @@ def _check_inputs(args: argparse.Namespace, models: List[LoadedModel]) -> None:
     if _needs_clean(args) and _clean_data(args, models) == 'imagefolder' and args.data_dir:
         val = imagefolder_split(args.data_dir, 'val')
         classes = len(class_folders(val))
-        wrong = [f'{m.label} has {m.model.num_classes}' for m in models if m.model.num_classes != classes]
+        counts = {m.label: getattr(m.model, 'num_classes', classes) for m in models}
+        wrong = [f'{label} has {n}' for label, n in counts.items() if n != classes]
         if wrong:
             raise UsageError(f'{val} holds {classes} class folders but {", ".join(wrong)} classes: evaluate each model '
                              'on the classes it was trained on')
