@@ -8,7 +8,16 @@ from .fashion_mnist import (
     find_fashion_mnist,
     read_idx,
 )
-from .folders import IMAGEFOLDER_LAYOUT, CorruptImageError, RobustImageFolder, collate_skip_bad, imagefolder_split
+from .folders import (
+    IMAGEFOLDER_LAYOUT,
+    ClassFoldersMismatchError,
+    CorruptImageError,
+    RobustImageFolder,
+    check_split_classes,
+    class_folders,
+    collate_skip_bad,
+    imagefolder_split,
+)
 from .loaders import DATASETS, build_dataset, build_loader, fixed_subset, seed_worker, split_train_val
 from .transforms import (
     FASHION_MNIST_MEAN,
@@ -21,9 +30,10 @@ from .transforms import (
 )
 
 __all__ = [
-    'CorruptImageError', 'DATASETS', 'DEBIAN_DIR', 'DatasetNotFoundError', 'FASHION_MNIST_CLASSES',
-    'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD', 'FashionMNIST', 'IMAGEFOLDER_LAYOUT', 'IdxFormatError',
-    'ImageTransform', 'RobustImageFolder', 'SMALL_INPUT_MAX', 'build_dataset', 'build_loader', 'collate_skip_bad',
-    'eval_transforms', 'find_fashion_mnist', 'fixed_subset', 'imagefolder_split', 'read_idx', 'seed_worker',
-    'split_train_val', 'to_uint8_array', 'train_transforms',
+    'ClassFoldersMismatchError', 'CorruptImageError', 'DATASETS', 'DEBIAN_DIR', 'DatasetNotFoundError',
+    'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD', 'FashionMNIST', 'IMAGEFOLDER_LAYOUT',
+    'IdxFormatError', 'ImageTransform', 'RobustImageFolder', 'SMALL_INPUT_MAX', 'build_dataset', 'build_loader',
+    'check_split_classes', 'class_folders', 'collate_skip_bad', 'eval_transforms', 'find_fashion_mnist',
+    'fixed_subset', 'imagefolder_split', 'read_idx', 'seed_worker', 'split_train_val', 'to_uint8_array',
+    'train_transforms',
 ]

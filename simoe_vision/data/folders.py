@@ -1,11 +1,13 @@
 """ImageNet-style class folders that survive unreadable images.
 
 A corrupt, truncated or zero-byte file makes ``RobustImageFolder.__getitem__`` return None (counted, one warning per
-file) and ``collate_skip_bad`` drops it from the batch, so one bad JPEG never ends an epoch. ``strict=True`` raises
-``CorruptImageError`` naming the file instead.
+file, pointing at the file) and ``collate_skip_bad`` drops it from the batch, so one bad JPEG never ends an epoch.
+``strict=True`` raises ``CorruptImageError`` naming the file instead. ``check_split_classes`` makes sure a dataset's
+train/ and val/ hold the same class folders (the labels are their sorted names).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -17,13 +19,18 @@ from torchvision.datasets import ImageFolder
 
 from .fashion_mnist import DatasetNotFoundError
 
-__all__ = ['IMAGEFOLDER_LAYOUT', 'CorruptImageError', 'RobustImageFolder', 'collate_skip_bad', 'imagefolder_split']
+__all__ = ['IMAGEFOLDER_LAYOUT', 'ClassFoldersMismatchError', 'CorruptImageError', 'RobustImageFolder',
+           'check_split_classes', 'class_folders', 'collate_skip_bad', 'imagefolder_split']
 
 IMAGEFOLDER_LAYOUT = '<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*'
 
 
 class CorruptImageError(OSError):
     """An image file cannot be decoded (strict mode); the message names the file."""
+
+
+class ClassFoldersMismatchError(ValueError):
+    """The train/ and val/ folders of a dataset hold different class folders; the message names them."""
 
 
 def _load_image(path: str) -> Image.Image:
@@ -59,12 +66,12 @@ class RobustImageFolder(ImageFolder):
             image = self.loader(path)
         except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as e:
             if self.strict:
-                raise CorruptImageError(f'cannot decode image {path}: {e}. Remove or replace the file, or use '
-                                        'strict=False to skip unreadable images.') from e
+                raise CorruptImageError(f'cannot decode image {path}: {e}') from e
             self.num_bad += 1
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn(f'skipping unreadable image {path}: {e}', RuntimeWarning, stacklevel=2)
+                # reported at the image itself, not at whichever torch frame called __getitem__
+                warnings.warn_explicit(f'skipping unreadable image {path}: {e}', RuntimeWarning, path, 0)
             return None
         if self.transform is not None:
             image = self.transform(image)
@@ -84,6 +91,33 @@ def imagefolder_split(root: str | Path, split: str) -> Path:
     if not folder.is_dir():
         raise DatasetNotFoundError(f'{folder} is missing. Expected layout: {IMAGEFOLDER_LAYOUT}')
     return folder
+
+
+def class_folders(folder: str | Path) -> list[str]:
+    """The class folder names under ``folder`` in label order (sorted, as ``ImageFolder`` numbers them)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    return ', '.join(names[:limit]) + (f' (+{len(names) - limit} more)' if len(names) > limit else '')
+
+
+def check_split_classes(root: str | Path) -> None:
+    """Raise one ``ClassFoldersMismatchError`` naming the differing class folders if ``<root>/train`` and
+    ``<root>/val`` do not hold the same ones (a val/ missing a class would shift every later label)."""
+    train, val = Path(root).expanduser() / 'train', Path(root).expanduser() / 'val'
+    if not (train.is_dir() and val.is_dir()):
+        return  # a missing split is reported when it is loaded
+    train_names, val_names = class_folders(train), class_folders(val)
+    if not train_names or not val_names or train_names == val_names:
+        return  # so is an empty one
+    only_train = [n for n in train_names if n not in set(val_names)]
+    only_val = [n for n in val_names if n not in set(train_names)]
+    parts = [f'only in train/: {_names(only_train)}' if only_train else '',
+             f'only in val/: {_names(only_val)}' if only_val else '']
+    differences = '; '.join(p for p in parts if p)
+    raise ClassFoldersMismatchError(f'the class folders of {train} and {val} differ ({differences}); both need the '
+                                    'same class folders (labels are their sorted names)')
 
 
 def collate_skip_bad(batch: Sequence[Optional[tuple[Any, int]]]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
 from .fashion_mnist import FashionMNIST
-from .folders import RobustImageFolder, collate_skip_bad, imagefolder_split
+from .folders import RobustImageFolder, check_split_classes, collate_skip_bad, imagefolder_split
 
 __all__ = ['DATASETS', 'SPLITS', 'build_dataset', 'build_loader', 'fixed_subset', 'seed_worker', 'split_train_val']
 
@@ -61,7 +61,8 @@ def build_dataset(
     (``split_train_val``) and 'val' is that holdout: model selection without touching the test set. With
     ``val_size == 0``, 'train' is the whole training set and 'val' is the dataset's evaluation split.
     'test' is always the evaluation split: Fashion-MNIST's 10000 test images, or ``<data_dir>/val`` for image
-    folders. ``data_dir=None`` for Fashion-MNIST means Debian's ``dataset-fashion-mnist``.
+    folders, whose train/ and val/ must hold the same class folders (``ClassFoldersMismatchError`` otherwise).
+    ``data_dir=None`` for Fashion-MNIST means Debian's ``dataset-fashion-mnist``.
     """
     if name not in DATASETS:
         raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
@@ -73,6 +74,7 @@ def build_dataset(
             return FashionMNIST(data_dir, split='train' if which == 'train' else 'test', transform=transform)
         if data_dir is None:
             raise ValueError("the 'imagefolder' dataset needs a data_dir (--data-dir) holding train/ and val/")
+        check_split_classes(data_dir)  # before any image is listed: mismatched splits would shift the labels
         return RobustImageFolder(imagefolder_split(data_dir, 'train' if which == 'train' else 'val'),
                                  transform=transform, strict=strict)
 

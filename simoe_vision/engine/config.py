@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import yaml
 
 from ..routers import ROUTERS
+from .checkpoint import atomic_write_text
 
 __all__ = ['ConfigError', 'OPTIONS', 'build_parser', 'load_yaml', 'parse_config', 'save_config']
 
@@ -50,7 +52,10 @@ def _int(value: Any) -> int:
 def _float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f'expected a number, got {value!r}')
-    return float(value)
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f'expected a finite number, got {value!r}')
+    return out
 
 
 def _count_or_fraction(value: Any) -> int | float:
@@ -334,5 +339,5 @@ def check_config(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def save_config(config: Dict[str, Any], path: str | Path) -> None:
-    """Write the resolved configuration as YAML (loadable with ``-c``)."""
-    Path(path).write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    """Write the resolved configuration as YAML (loadable with ``-c``), atomically."""
+    atomic_write_text(path, yaml.safe_dump(dict(config), sort_keys=False))

@@ -13,12 +13,19 @@ from ..metrics import RoutingRecorder
 from .display import Display
 from .distributed import DistEnv, all_reduce_sum, all_reduce_totals
 
-__all__ = ['NonFiniteLossError', 'autocast', 'evaluate', 'forward_loss', 'record_probe', 'train_one_epoch',
-           'unwrap']
+__all__ = ['NonFiniteLossError', 'autocast', 'divergence_hint', 'evaluate', 'forward_loss', 'record_probe',
+           'train_one_epoch', 'unwrap']
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+def divergence_hint(clip_grad: Optional[float]) -> str:
+    """What to change when training diverged: the learning rate, and gradient clipping only if it is off."""
+    if clip_grad is None:
+        return 'lower --lr (and --warmup-lr), or clip gradients with --clip-grad 1.0'
+    return f'lower --lr (and --warmup-lr; gradients were already clipped at {clip_grad:g})'
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -86,7 +93,8 @@ def train_one_epoch(
             if flags[1] > 0:
                 value = loss.item() if loss is not None else 'on another process'
                 raise NonFiniteLossError(f'non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1} '
-                                         f'(global step {global_step + 1}); lower --lr or enable --clip-grad')
+                                         f'(global step {global_step + 1}, lr {optimizer.param_groups[0]["lr"]:.2e}); '
+                                         f'{divergence_hint(clip_grad)}')
             if flags[0] > 0:  # skip the step on every process
                 if flags[2] > 0:
                     interrupted = True

@@ -1,7 +1,8 @@
 """``evaluate.py``: robustness and routing evaluation of one or more checkpoints, side by side.
 
-``main(argv)`` parses the flags, checks every input up front (checkpoints, data, ImageNet-C/A/R folders) so a bad
-path fails before hours of evaluation, runs the requested suites per checkpoint and writes ``results.json``,
+``main(argv)`` parses the flags, checks every input of every suite up front (checkpoints, data, ImageNet-C/A/R
+folders and that the models fit them) so a bad input fails before hours of evaluation, runs the requested suites per
+checkpoint and writes ``results.json`` (after every finished suite, so a failure mid-way keeps what was done),
 ``results.md``, plots and expert maps to ``--output``. Errors a user can fix exit with code 2 and one message.
 """
 from __future__ import annotations
@@ -12,17 +13,26 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from rich.console import Console
 
-from ..data import DatasetNotFoundError, IdxFormatError
+from ..data import DatasetNotFoundError, IdxFormatError, class_folders, imagefolder_split
 from ..engine.checkpoint import CheckpointError
 from ..engine.config import ConfigError
 from ..engine.display import make_console
 from ..metrics import RoutingRecorder
-from ..robustness import ATTACKS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, validate_imagenet_c
+from ..routers import ROUTERS
+from ..robustness import (
+    ATTACKS,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    SEVERITIES,
+    check_class_folders,
+    imagenet_ar_classes,
+    validate_imagenet_c,
+)
 from .expert_maps import save_expert_maps
 from .loading import LoadedModel, load_model
 from .plots import plot_accuracy, plot_agreement
@@ -31,6 +41,7 @@ from .runner import (
     EvalSettings,
     array_transform,
     build_cache,
+    imagenet_model_error,
     load_clean_set,
     run_adversarial,
     run_clean,
@@ -90,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='train.py run folder (best checkpoint + config.yaml) or weights file (.safetensors, .pth); '
                         'repeat to compare models side by side')
     g.add_argument('--model', help='timm model name (needed for a weights file without config.yaml)')
-    g.add_argument('--router', choices=('softmax', 'similarity', 'attention'),
-                   help='router (overrides the run config; needed for a bare weights file of a non-softmax model)')
+    g.add_argument('--router', choices=list(ROUTERS), metavar='ROUTER',
+                   help=f'a registered router: {", ".join(ROUTERS)} (overrides the run config; needed for a bare weights file of a non-softmax model)')
     g.add_argument('--model-kwargs', type=_json_object, default=None, metavar='JSON',
                    help='constructor settings as a JSON object, e.g. \'{"num_experts": 8, "top_k": 2}\'')
     g = p.add_argument_group('suites and data')
@@ -173,11 +184,40 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _unique_labels(models: List[LoadedModel]) -> None:
     """Run names label the checkpoints; a clash gets the router, then a counter."""
+    names = [m.label for m in models]  # counted before any is renamed
     seen: Dict[str, int] = {}
-    for m in models:
-        label = m.label if [x.label for x in models].count(m.label) == 1 else f'{m.label}/{m.router}'
+    for m, name in zip(models, names, strict=True):
+        label = name if names.count(name) == 1 else f'{name}/{m.router}'
         seen[label] = seen.get(label, 0) + 1
         m.label = label if seen[label] == 1 else f'{label}#{seen[label]}'
+
+
+def _clean_data(args: argparse.Namespace, models: List[LoadedModel]) -> str:
+    return args.data or models[0].config['data']
+
+
+def _check_inputs(args: argparse.Namespace, models: List[LoadedModel]) -> None:
+    """Every suite's inputs against the loaded models, before any suite runs: the ImageNet suites need 1000-class RGB
+    models, ImageNet-A/-R folders the 200 wnids, a clean image folder as many classes as each model."""
+    problems = [error for suite in ('c', 'a', 'r') if suite in args.suite and (suite != 'c' or args.imagenet_c_dir)
+                for m in models if (error := imagenet_model_error(m.model, m.data_config, suite, m.label))]
+    if problems:
+        raise UsageError(problems[0] if len(problems) == 1 else '\n  '.join(['invalid inputs:'] + problems))
+    for suite, root in (('a', args.imagenet_a_dir), ('r', args.imagenet_r_dir)):
+        if suite in args.suite:
+            check_class_folders(root, imagenet_ar_classes(suite)[0])
+    if _needs_clean(args) and _clean_data(args, models) == 'imagefolder' and args.data_dir:
+        val = imagefolder_split(args.data_dir, 'val')
+        classes = len(class_folders(val))
+        counts = {m.label: getattr(m.model, 'num_classes', classes) for m in models}
+        wrong = [f'{label} has {n}' for label, n in counts.items() if n != classes]
+        if wrong:
+            raise UsageError(f'{val} holds {classes} class folders but {", ".join(wrong)} classes: evaluate each model '
+                             'on the classes it was trained on')
+
+
+def _needs_clean(args: argparse.Namespace) -> bool:
+    return bool({'clean', 'adv', 'routing'} & set(args.suite)) or ('c' in args.suite and not args.imagenet_c_dir)
 
 
 def _map_cell(args: argparse.Namespace) -> tuple[str, int]:
@@ -186,12 +226,14 @@ def _map_cell(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def evaluate_checkpoint(m: LoadedModel, args: argparse.Namespace, settings: EvalSettings, clean_set, cache,
-                        console: Console) -> Dict[str, Any]:
-    """Every requested suite for one model; returns its results entry."""
+                        console: Console, out: Optional[Dict[str, Any]] = None,
+                        done: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+    """Every requested suite for one model, into ``out`` (its results entry, returned); ``done()`` after each."""
     suites = args.suite
     net = m.model
-    out: Dict[str, Any] = {'checkpoint': m.checkpoint, 'model': m.config['model'], 'router': m.router,
-                           'num_experts': m.config['num_experts'], 'top_k': m.config['top_k']}
+    out = {} if out is None else out
+    out.update({'checkpoint': m.checkpoint, 'model': m.config['model'], 'router': m.router,
+                'num_experts': m.config['num_experts'], 'top_k': m.config['top_k']})
     recorder = RoutingRecorder(net) if 'routing' in suites else None
     dataset = clean_set.dataset(m.data_config) if clean_set is not None else None
     clean_top1 = None
@@ -202,6 +244,7 @@ def evaluate_checkpoint(m: LoadedModel, args: argparse.Namespace, settings: Eval
             out['routing'] = {'layers': clean.pop('routing')}
             clean_top1 = clean.pop('top1_experts')
         out['clean'] = clean
+        done()
     transform = array_transform(m.data_config)
     generated = cache is not None and ('routing' in suites or ('c' in suites and not args.imagenet_c_dir))
     if generated:
@@ -218,10 +261,13 @@ def evaluate_checkpoint(m: LoadedModel, args: argparse.Namespace, settings: Eval
                                                                        args.corruptions, args.severities, settings)}
     if 'corruptions' in out:
         out['corruptions'].update(corruptions=list(args.corruptions), severities=list(args.severities))
+    if generated or 'corruptions' in out:
+        done()
     for suite, root, key in (('a', args.imagenet_a_dir, 'imagenet_a'), ('r', args.imagenet_r_dir, 'imagenet_r')):
         if suite in suites:
             console.print(f'[bold]{m.label}[/bold]: ImageNet-{suite.upper()}')
             out[key] = run_imagenet_ar(net, root, suite, m.data_config, settings)
+            done()
     if 'adv' in suites:
         attacked = dataset if args.adv_subset is None else torch.utils.data.Subset(
             dataset, range(min(args.adv_subset, len(dataset))))
@@ -229,6 +275,7 @@ def evaluate_checkpoint(m: LoadedModel, args: argparse.Namespace, settings: Eval
                       f'{", ".join(f"{e:g}" for e in args.eps)}/255; {len(attacked)} images)')
         out['adversarial'] = run_adversarial(net, attacked, m.data_config, args.attacks, args.eps, args.pgd_steps,
                                              args.pgd_step_size, settings)
+        done()
     if recorder is not None and args.num_maps > 0:
         corruption, severity = _map_cell(args)
         count = min(args.num_maps, len(dataset))
@@ -252,18 +299,29 @@ def run(args: argparse.Namespace, console: Console) -> Dict[str, Any]:
     models = [load_model(path, args.model, args.router, args.model_kwargs, args.data, device)
               for path in args.checkpoint]
     _unique_labels(models)
-    needs_clean = bool({'clean', 'adv', 'routing'} & set(args.suite)) or ('c' in args.suite
-                                                                          and not args.imagenet_c_dir)
+    _check_inputs(args, models)
     clean_set = cache = None
-    if needs_clean:
-        data = args.data or models[0].config['data']
-        clean_set = load_clean_set(data, args.data_dir, models[0].data_config['input_size'][-1], settings)
+    if _needs_clean(args):
+        clean_set = load_clean_set(_clean_data(args, models), args.data_dir, models[0].data_config['input_size'][-1],
+                                   settings)
         console.print(f'clean set: {clean_set.name}, {len(clean_set.images)} images')
         if 'routing' in args.suite or ('c' in args.suite and not args.imagenet_c_dir):
             cache = build_cache(clean_set, args.cache_dir, args.corruptions, args.severities, settings)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    results = {m.label: evaluate_checkpoint(m, args, settings, clean_set, cache, console) for m in models}
+    meta = {'data': clean_set.name if clean_set is not None else 'ImageNet-C/A/R folders',
+            'num_images': len(clean_set.images) if clean_set is not None else None, 'eval_subset': args.eval_subset,
+            'suites': list(args.suite), 'seed': args.seed, 'device': str(device), 'argv': args.argv,
+            'date': datetime.now(timezone.utc).isoformat(timespec='seconds')}
+    results: Dict[str, Any] = {}
+
+    def save_partial() -> None:  # the finished suites, in case a later one fails
+        write_json(output / 'results.json', {**meta, 'complete': False}, results)
+        args.partial_results = output / 'results.json'
+
+    for m in models:
+        results[m.label] = {}
+        evaluate_checkpoint(m, args, settings, clean_set, cache, console, results[m.label], save_partial)
     add_relative_ce(results, reference)
     figures = {}
     for name, plot in (('accuracy_vs_severity', plot_accuracy), ('routing_agreement_vs_severity', plot_agreement)):
@@ -273,11 +331,9 @@ def run(args: argparse.Namespace, console: Console) -> Dict[str, Any]:
     for label, r in results.items():
         for path in r.get('expert_maps', []):
             figures[f'expert map {label} {Path(path).stem}'] = os.path.relpath(path, output)
-    meta = {'data': clean_set.name if clean_set is not None else 'ImageNet-C/A/R folders',
-            'num_images': len(clean_set.images) if clean_set is not None else None, 'eval_subset': args.eval_subset,
-            'suites': list(args.suite), 'seed': args.seed, 'device': str(device), 'argv': args.argv,
-            'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'figures': figures}
+    meta.update(complete=True, figures=figures)
     write_json(output / 'results.json', meta, results)
+    args.partial_results = None
     (output / 'results.md').write_text(markdown_report(meta, results, figures))
     rich_summary(results, console)
     console.print(f'wrote {output / "results.json"}, {output / "results.md"} and {len(figures)} figure(s)')
@@ -285,15 +341,26 @@ def run(args: argparse.Namespace, console: Console) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``evaluate.py``; returns 0, or 2 with one ``error:`` message for anything the user can fix."""
+    """Run ``evaluate.py``; returns 0, or 2 with one ``error:`` message for anything the user can fix. A failure
+    after some suites finished says where their results are."""
     argv = list(sys.argv[1:] if argv is None else argv)
     console = make_console()
+    args = argparse.Namespace()
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
         run(args, console)
     except (UsageError, ConfigError, CheckpointError, DatasetNotFoundError, IdxFormatError, FileNotFoundError,
             ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {e}{_partial_note(args, "; ")}', file=sys.stderr)
         return EXIT_USAGE
+    except BaseException:
+        if _partial_note(args):
+            print(f'evaluate.py failed{_partial_note(args, ": ")}', file=sys.stderr)
+        raise
     return 0
+
+
+def _partial_note(args: argparse.Namespace, prefix: str = '') -> str:
+    partial = getattr(args, 'partial_results', None)
+    return f'{prefix}the suites that finished are saved in {partial}' if partial else ''

@@ -22,7 +22,15 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..engine.checkpoint import CheckpointError, saved_config
+from ..engine.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    committed_files,
+    describe_load_failure,
+    safe_load,
+    saved_config,
+)
 from ..engine.config import OPTIONS, ConfigError, convert_value
 from ..engine.data import data_config_for
 from ..engine.model_factory import create_model_from_config, model_settings
@@ -58,9 +66,10 @@ def read_weights(path: Path) -> Dict[str, Tensor]:
     try:
         if path.suffix == '.safetensors':
             return load_file(str(path))
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = safe_load(path)
     except Exception as e:  # noqa: BLE001 - any read failure means the file is unusable
-        raise CheckpointError(f'cannot read weights {path}: {e}') from None
+        reason = e if path.suffix == '.safetensors' else describe_load_failure(e)
+        raise CheckpointError(f'cannot read weights {path}: {reason}') from None
     if isinstance(obj, dict) and 'optimizer' in obj and 'epoch' in obj:  # a train.py training state
         beside = path.with_suffix('.safetensors')
         if beside.is_file():
@@ -75,18 +84,35 @@ def read_weights(path: Path) -> Dict[str, Tensor]:
     return {k.removeprefix('module.'): v for k, v in obj.items()}
 
 
-def _likely_causes(missing: list[str], unexpected: list[str], shaped: list[str], config: Dict[str, Any]) -> list[str]:
+_EXPERT_OR_ROUTER = re.compile(r'\.(experts|router)\.')
+_ROUTER_GATE = re.compile(r'\.router\.gate\.weight$')  # (num_experts, dim)
+_HEAD = re.compile(r'(?:head\.)?(?:head|fc)\.weight$')  # (num_classes, dim)
+_BLOCK = re.compile(r'((?:blocks|layers)\.\d+\.(?:blocks\.\d+\.)?)')
+
+Shapes = Dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # key -> (shape in the weights, shape in the model)
+
+
+def _block(key: str) -> Optional[str]:
+    match = _BLOCK.match(key)
+    return match.group(1) if match else None
+
+
+def _likely_causes(absent: list[str], shaped: Shapes, config: Dict[str, Any], present: set[str]) -> list[str]:
+    """What most likely differs between the weights and the model: from the missing or unexpected keys
+    (``absent``), the mis-shaped ones, and ``present`` (the blocks both have)."""
     causes = []
-    keys = missing + unexpected + shaped
-    if any('.router.' in k for k in missing + unexpected):
-        causes.append(f"a different router (the model was built with router={config['router']!r})")
-    if any('.experts.' in k or '.router.' in k for k in shaped):
-        causes.append(f"a different num_experts (the model was built with {config.get('num_experts')} experts)")
-    if any(re.match(r'(head|fc)\.', k) for k in shaped):
-        causes.append('a different number of classes')
-    if any(re.match(r'blocks\.\d+\.|layers\.\d+\.', k) for k in missing + unexpected) and not causes:
+    in_blocks = [k for k in absent if _block(k) is not None]
+    if any(_block(k) not in present or '.router.' not in k for k in in_blocks):  # whole blocks, or MLP vs MoE
         causes.append('a different depth or MoE layout (moe_layout)')
-    if keys and not causes:
+    elif in_blocks:  # only router parameters differ, in blocks both have
+        causes.append(f"a different router or router_kwargs (the model was built with router={config['router']!r})")
+    if any(not (_EXPERT_OR_ROUTER.search(k) or k.startswith(('head.', 'fc.'))) for k in shaped):
+        causes.append(f"a different model size (embed_dim, mlp_ratio, patch or image size) than {config['model']!r}")
+    if any(_ROUTER_GATE.search(k) and a[0] != b[0] for k, (a, b) in shaped.items()):
+        causes.append(f"a different num_experts (the model was built with {config.get('num_experts')} experts)")
+    if any(_HEAD.match(k) and a[0] != b[0] for k, (a, b) in shaped.items()):
+        causes.append('a different number of classes')
+    if (absent or shaped) and not causes:
         causes.append(f"a different model than {config['model']!r} or other model_kwargs")
     return causes
 
@@ -101,27 +127,31 @@ def check_state_dict(model: nn.Module, weights: Dict[str, Tensor], config: Dict[
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
-    shaped = [f'{k} {tuple(weights[k].shape)} vs model {tuple(v.shape)}' for k, v in expected.items()
-              if k in weights and weights[k].shape != v.shape]
-    if not (missing or unexpected or shaped):
+    shapes = {k: (tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in weights and weights[k].shape != v.shape}
+    if not (missing or unexpected or shapes):
         return
+    shaped = [f'{k} {a} vs model {b}' for k, (a, b) in shapes.items()]
     lines = [f"weights {source} do not fit {config['model']} (router={config['router']}, "
              f"num_experts={config.get('num_experts')}):"]
     for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', shaped)):
         if items:
             lines.append(_listing(title, items))
-    lines.append(f'  likely cause: {"; or ".join(_likely_causes(missing, unexpected, shaped, config))}. Pass the run '
-                 'folder (its config.yaml has the settings), or --model/--router/--model-kwargs that match.')
+    present = {_block(k) for k in expected if k in weights} - {None}
+    causes = _likely_causes(missing + unexpected, shapes, config, present)
+    lines.append(f'  likely cause: {"; or ".join(causes)}. Pass the run folder (its config.yaml has the settings), '
+                 'or --model/--router/--model-kwargs that match.')
     raise CheckpointMismatchError('\n'.join(lines))
 
 
 def _resolve_files(path: Path) -> tuple[Path, Optional[Path]]:
     """(weights file, run config or None) for a run folder, a checkpoint inside one, or a lone weights file."""
     if path.is_dir():
-        for tag in ('best', 'last'):
-            if (path / f'{tag}.safetensors').is_file():
-                return path / f'{tag}.safetensors', (path / 'config.yaml' if (path / 'config.yaml').is_file()
-                                                     else None)
+        for tag in (BEST, LAST):
+            files = committed_files(path, tag)  # the committed pair, even if a killed save left it staged
+            weights = files[0] if files is not None else path / f'{tag}.safetensors'
+            if weights.is_file():
+                return weights, (path / 'config.yaml' if (path / 'config.yaml').is_file() else None)
         raise CheckpointError(f'{path} holds no best.safetensors or last.safetensors; pass a train.py run folder '
                               'or a weights file')
     if not path.is_file():

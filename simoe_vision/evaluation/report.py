@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from ..engine.checkpoint import atomic_write_text
 from ..robustness import mean_corruption_error
 from .plots import per_severity
 
@@ -95,7 +96,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: Path, meta: Dict[str, Any], results: Results) -> None:
-    path.write_text(json.dumps(_jsonable({'meta': meta, 'checkpoints': results}), indent=1) + '\n')
+    """``results.json``, atomically: a kill while it is rewritten leaves the previous one."""
+    atomic_write_text(path, json.dumps(_jsonable({'meta': meta, 'checkpoints': results}), indent=1) + '\n')
 
 
 def _f(value: Optional[float], digits: int = 2) -> str:

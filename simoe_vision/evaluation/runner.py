@@ -22,6 +22,7 @@ from ..data.fashion_mnist import FashionMNIST
 from ..metrics import RoutingRecorder, routing_agreement
 from ..robustness import (
     ALEXNET_ERRORS,
+    IMAGENET_CLASSES,
     CorruptedArrayDataset,
     CorruptionCache,
     adversarial_accuracy,
@@ -31,13 +32,14 @@ from ..robustness import (
     imagenet_ar_dataset,
     imagenet_c_dataset,
     imagenet_c_transform,
+    imagenet_model_problem,
     mean_corruption_error,
     prepare_images,
     validate_imagenet_c,
 )
 
-__all__ = ['CleanSet', 'EvalSettings', 'build_cache', 'load_clean_set', 'run_adversarial', 'run_clean',
-           'run_corruptions', 'run_imagenet_ar', 'run_imagenet_c', 'subset']
+__all__ = ['CleanSet', 'EvalSettings', 'build_cache', 'imagenet_model_error', 'load_clean_set', 'run_adversarial',
+           'run_clean', 'run_corruptions', 'run_imagenet_ar', 'run_imagenet_c', 'subset']
 
 
 @dataclass
@@ -163,10 +165,26 @@ def agreement_table(clean: Dict[str, Tensor], corrupted: Dict[str, Tensor], corr
     return table
 
 
+def imagenet_model_error(model: nn.Module, data_config: Dict[str, Any], suite: str,
+                         name: str = 'the model') -> Optional[str]:
+    """Why ``model`` cannot run ImageNet suite ``suite`` ('c', 'a' or 'r'), or None."""
+    problem = imagenet_model_problem(getattr(model, 'num_classes', IMAGENET_CLASSES), data_config['input_size'][0])
+    if not problem:
+        return None
+    return f'--suite {suite} needs an ImageNet-1k model (1000 classes, RGB input), but {name} {problem}'
+
+
+def _require_imagenet_model(model: nn.Module, data_config: Dict[str, Any], suite: str) -> None:
+    error = imagenet_model_error(model, data_config, suite)
+    if error:
+        raise ValueError(error)
+
+
 def run_imagenet_c(model: nn.Module, root: str, data_config: Dict[str, Any], corruptions: Sequence[str],
                    severities: Sequence[int], settings: EvalSettings) -> Dict[str, Any]:
     """The ImageNet-C folders (checked first: one error lists everything missing), center crop only; CE against
     AlexNet for the 15 standard corruptions among ``corruptions``, unnormalised for the extra ones."""
+    _require_imagenet_model(model, data_config, 'c')
     validate_imagenet_c(root, corruptions, severities)
     transform = imagenet_c_transform(data_config)
     result = run_corruptions(model, lambda c, s: subset(imagenet_c_dataset(root, c, s, transform), settings),
@@ -180,9 +198,7 @@ def run_imagenet_c(model: nn.Module, root: str, data_config: Dict[str, Any], cor
 def run_imagenet_ar(model: nn.Module, root: str, variant: str, data_config: Dict[str, Any],
                     settings: EvalSettings) -> Dict[str, Any]:
     """ImageNet-A (``'a'``) or -R (``'r'``): the 200-class slice of the model's 1000-way logits."""
-    if data_config['input_size'][0] != 3:
-        raise ValueError(f'ImageNet-{variant.upper()} needs an RGB ImageNet model; this one takes '
-                         f"{data_config['input_size'][0]} channel(s)")
+    _require_imagenet_model(model, data_config, variant)
     dataset, indices = imagenet_ar_dataset(root, variant, transform=eval_transforms(data_config))
     return evaluate_loader(model, _loader(subset(dataset, settings), settings), device=settings.device,
                            class_indices=indices)

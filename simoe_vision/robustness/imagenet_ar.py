@@ -17,11 +17,12 @@ from torch import Tensor
 from torchvision.datasets import ImageFolder
 
 __all__ = [
-    'IMAGENET_AR_VARIANTS', 'WnidImageFolder', 'check_class_folders', 'imagenet_ar_classes', 'imagenet_ar_dataset',
-    'imagenet_synsets', 'read_timm_info', 'slice_logits',
+    'IMAGENET_AR_VARIANTS', 'IMAGENET_CLASSES', 'WnidImageFolder', 'check_class_folders', 'imagenet_ar_classes',
+    'imagenet_ar_dataset', 'imagenet_model_problem', 'imagenet_synsets', 'read_timm_info', 'slice_logits',
 ]
 
 IMAGENET_AR_VARIANTS = ('a', 'r')
+IMAGENET_CLASSES = 1000
 
 
 @functools.cache
@@ -49,8 +50,21 @@ def imagenet_ar_classes(variant: str) -> tuple[tuple[str, ...], Tensor]:
     return synsets, indices
 
 
+def imagenet_model_problem(num_classes: int, in_chans: int) -> str:
+    """Why a model cannot be scored on ImageNet-C/-A/-R ('has 10 classes', 'takes 1 input channel'), or ''."""
+    problems = []
+    if num_classes != IMAGENET_CLASSES:
+        problems.append(f'has {num_classes} classes')
+    if in_chans != 3:
+        problems.append(f'takes {in_chans} input channel{"s" if in_chans != 1 else ""}')
+    return ' and '.join(problems)
+
+
 def slice_logits(logits: Tensor, class_indices: Tensor) -> Tensor:
     """Keep the logit columns of a class subset, in the subset's order: (B, 1000) -> (B, len(class_indices))."""
+    if class_indices.numel() and int(class_indices.max()) >= logits.shape[-1]:
+        raise ValueError(f'the class subset needs logit column {int(class_indices.max())} but the model gives '
+                         f'{logits.shape[-1]} logits (ImageNet-A/-R need a {IMAGENET_CLASSES}-class ImageNet model)')
     return logits.index_select(-1, class_indices.to(logits.device))
 
 

@@ -5,6 +5,8 @@ Conventions: ``probs`` and ``scores`` are (T, E) for T tokens and E experts. Coe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,13 @@ def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
     return x.var(unbiased=False) / (x.mean() ** 2 + eps)
 
 
+def _normal_cdf(x: Tensor) -> Tensor:
+    """The standard normal CDF, bit for bit ``torch.distributions.Normal(0, 1).cdf`` (``torch.special.ndtr`` differs in
+    the last bits) but without its argument validation: NaN scores of a diverging run reach the loss, where the
+    training loop reports them, instead of failing here."""
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2)))
+
+
 def importance_loss(probs: Tensor) -> Tensor:
     """V-MoE importance loss: CV^2 of each expert's summed routing probability over the tokens."""
     return cv_squared(probs.sum(dim=0))
@@ -41,8 +50,7 @@ def load_loss(clean_scores: Tensor, noisy_scores: Tensor, noise_std: float, top_
     if noise_std <= 0:
         raise ValueError(f'load_loss needs a positive noise_std, got {noise_std}')
     threshold = noisy_scores.topk(top_k, dim=-1).values[:, -1:]
-    normal = torch.distributions.Normal(0.0, 1.0)
-    p_selected = 1.0 - normal.cdf((threshold - clean_scores) / noise_std)
+    p_selected = 1.0 - _normal_cdf((threshold - clean_scores) / noise_std)
     return cv_squared(p_selected.mean(dim=0))
 
 
