@@ -61,10 +61,9 @@ def test_default_cfg(name):
 def test_deepcopy_is_independent_and_equal(name, router):
     model = timm.create_model(name, router=router)
     x = _batch(model)
-    model.train()(x)
-    record = [layer.last_routing.indices.clone() for _, layer in moe_layers(model)]
     clone = copy.deepcopy(model)
     torch.testing.assert_close(_eval_logits(clone, x), _eval_logits(model, x), rtol=0, atol=0)
+    record = [layer.last_routing.indices.clone() for _, layer in moe_layers(model)]
     clone.train()(_batch(model, seed=1))  # the copy's forward leaves the original alone
     assert all(torch.equal(a, layer.last_routing.indices) for a, (_, layer) in zip(record, moe_layers(model)))
     F.cross_entropy(model.train()(x), torch.tensor([0, 1])).backward()  # the original still trains
@@ -98,10 +97,16 @@ def test_model_ema_v3_evaluates(name, router):
 
 
 # dynamo traces every router on both families with symbolic batch sizes; the 'eager' backend compiles nothing
-# (cheap) but runs the same tracing that failed on randn's symbolic shape. Swin's 2-stage trace takes ~1 min: the
-# graph router (layout + window graph) stays in the default run, the other two are in the slow set.
-COMPILE_CASES = [pytest.param(m, r, marks=pytest.mark.slow if m.startswith('swin') and r != 'attention' else ())
-                 for m, r in CASES]
+# (cheap) but runs the same tracing that failed on randn's symbolic shape. Tracing Swin's two MoE stages takes about
+# a minute per mode and shape regime, so the default run keeps its graph router's dynamic training trace (layout +
+# window graph) and the slow set has the rest.
+COMPILE_CASES = [pytest.param(m, r, marks=pytest.mark.slow if m.startswith('swin') else ()) for m, r in CASES]
+
+
+def _compiled_train_steps(model, compiled, sizes):
+    for n in sizes:  # 8 -> 6 is where dynamo switches to dynamic shapes
+        x = _batch(model, n, seed=n)
+        F.cross_entropy(compiled.train()(x), torch.arange(n) % 10).backward()
 
 
 @pytest.mark.parametrize('name, router', COMPILE_CASES)
@@ -109,13 +114,19 @@ def test_torch_compile_train_and_eval_with_changing_batch_sizes(name, router):
     torch._dynamo.reset()
     model = timm.create_model(name, router=router)
     compiled = torch.compile(model, backend='eager')
-    for n in (8, 6, 5):  # 8 -> 6 is where dynamo switches to dynamic shapes
-        x = _batch(model, n, seed=n)
-        F.cross_entropy(compiled.train()(x), torch.arange(n) % 10).backward()
+    _compiled_train_steps(model, compiled, (8, 6, 5))
     for n in (8, 6):
         x = _batch(model, n, seed=n)
         with torch.no_grad():
             torch.testing.assert_close(compiled.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_swin_moe_dynamic_training():
+    torch._dynamo.reset()
+    model = timm.create_model('swin_moe_test', router='attention')
+    compiled = torch.compile(model, backend='eager')
+    _compiled_train_steps(model, compiled, (8, 6))
+    assert [layer.last_routing.indices.shape[0] for _, layer in moe_layers(model)] == [6 * 64, 6 * 16]
 
 
 @pytest.mark.slow
@@ -147,7 +158,7 @@ def test_dropless_survives_create_model(name):
         for mode in (True, False):
             model.train(mode)(x)
             dropped = [float(layer.last_routing.stats['dropped_fraction']) for _, layer in moe_layers(model)]
-            assert all((d > 0.3) if expect_drops else (d == 0.0) for d in dropped), (cf, mode, dropped)
+            assert all((d > 0.2) if expect_drops else (d == 0.0) for d in dropped), (cf, mode, dropped)
 
 
 def test_none_capacity_factor_fails_loudly():
