@@ -1,9 +1,8 @@
 """MoE MLP: capacity dispatch, equivalence with timm's Mlp, gradients, the aux-loss attachment, precision."""
 import pytest
+import timm
 import torch
 from timm.layers import Mlp
-
-import timm
 
 import simoe_vision  # noqa: F401
 from simoe_vision.layers import MoeMlp, assign_slots, attach_aux_loss, expert_capacity

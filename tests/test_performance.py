@@ -123,7 +123,8 @@ def test_experts_forward_grouped_equals_batched():
 
 @pytest.mark.parametrize('router', ['softmax', 'similarity', 'attention'])
 def test_bf16_autocast_forward_backward(router):
-    moe = MoeMlp(16, 32, num_experts=4, top_k=2, router=router, capacity_factor='dropless', eval_capacity_factor='dropless')
+    moe = MoeMlp(16, 32, num_experts=4, top_k=2, router=router, capacity_factor='dropless',
+                 eval_capacity_factor='dropless')
     x = torch.randn(2, 12, 16, requires_grad=True)
     q = torch.randn(2, 2, 12, 8)
     graph = TokenGraph(q=q, k=q, scale=8 ** -0.5) if router == 'attention' else None

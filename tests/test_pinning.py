@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from pinning import PATH, ROUTER_NAMES, fingerprint, model_names
 
 REFERENCE = json.loads(PATH.read_text())

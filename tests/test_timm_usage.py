@@ -65,7 +65,8 @@ def test_deepcopy_is_independent_and_equal(name, router):
     torch.testing.assert_close(_eval_logits(clone, x), _eval_logits(model, x), rtol=0, atol=0)
     record = [layer.last_routing.indices.clone() for _, layer in moe_layers(model)]
     clone.train()(_batch(model, seed=1))  # the copy's forward leaves the original alone
-    assert all(torch.equal(a, layer.last_routing.indices) for a, (_, layer) in zip(record, moe_layers(model)))
+    layers = moe_layers(model)
+    assert all(torch.equal(a, layer.last_routing.indices) for a, (_, layer) in zip(record, layers, strict=True))
     F.cross_entropy(model.train()(x), torch.tensor([0, 1])).backward()  # the original still trains
 
 

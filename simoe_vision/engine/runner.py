@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn

@@ -23,7 +23,6 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.config import ConfigError
 from ..engine.display import make_console
 from ..metrics import RoutingRecorder
-from ..routers import ROUTERS
 from ..robustness import (
     ATTACKS,
     CORRUPTIONS,
@@ -33,6 +32,7 @@ from ..robustness import (
     imagenet_ar_classes,
     validate_imagenet_c,
 )
+from ..routers import ROUTERS
 from .expert_maps import save_expert_maps
 from .loading import LoadedModel, load_model
 from .plots import plot_accuracy, plot_agreement
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'repeat to compare models side by side')
     g.add_argument('--model', help='timm model name (needed for a weights file without config.yaml)')
     g.add_argument('--router', choices=list(ROUTERS), metavar='ROUTER',
-                   help=f'a registered router: {", ".join(ROUTERS)} (overrides the run config; needed for a bare weights file of a non-softmax model)')
+                   help=f'a registered router: {", ".join(ROUTERS)} (overrides the run config; needed for a bare '
+                        'weights file of a non-softmax model)')
     g.add_argument('--model-kwargs', type=_json_object, default=None, metavar='JSON',
                    help='constructor settings as a JSON object, e.g. \'{"num_experts": 8, "top_k": 2}\'')
     g = p.add_argument_group('suites and data')

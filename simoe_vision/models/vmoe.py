@@ -8,7 +8,7 @@ a token graph, which the block passes down to a router that reads the attention 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD

@@ -24,5 +24,5 @@ register_router('attention')(AttentionRouter)
 
 __all__ = ['ROUTERS', 'GRAPH_SOURCES', 'register_router', 'create_router', 'check_router_name', 'router_graph',
            'router_kwarg_names', 'Router', 'SoftmaxRouter', 'GraphRouter', 'SimilarityRouter', 'AttentionRouter',
-           'RoutingOutput', 'TokenGraph', 'TokenLayout', 'select_top_k', 'similarity_graph', 'expert_counts', 'cv_squared',
-           'importance_loss', 'load_loss', 'switch_balance_loss', 'z_loss']
+           'RoutingOutput', 'TokenGraph', 'TokenLayout', 'select_top_k', 'similarity_graph', 'expert_counts',
+           'cv_squared', 'importance_loss', 'load_loss', 'switch_balance_loss', 'z_loss']
