@@ -86,7 +86,9 @@ def test_end_to_end_two_checkpoints_side_by_side(runs, tmp_path, capsys):
             assert attack['adv_top1'] <= attack['clean_top1']
         agreement = r['routing']['agreement']['gaussian_noise']['3']['blocks.1.mlp']
         assert 0.0 <= agreement <= 1.0
-        assert r['routing']['layers']['blocks.1.mlp']['load_cv'] >= 0
+        layer = r['routing']['layers']['blocks.1.mlp']
+        assert sum(layer['load']) == pytest.approx(1.0)
+        assert layer['load_cv'] == pytest.approx(float(np.std(layer['load']) / np.mean(layer['load'])), rel=1e-5)
         assert all(Path(p).is_file() for p in r['expert_maps'])
     # CE of the similarity model relative to the softmax one: its mean error over severities / softmax's
     relative = sim['corruptions']['relative']['soft']
