@@ -85,10 +85,11 @@ def test_outputs_and_exact_resume(fashion, tmp_path, capsys):
 
 
 def test_ema_mixup_bf16_and_bad_val_size(fashion, tmp_path, capsys):
+    """--model-ema with the attention router: the EMA copy is evaluated every epoch (it used to fail there)."""
     out = tmp_path / 'runs'
     args = TINY + ['--data-dir', fashion, '--epochs', 1, '--output', out, '--train-subset', 32]
     assert run(args + ['--experiment', 'opts', '--model-ema', '--model-ema-decay', 0.9, '--mixup', 0.8,
-                       '--cutmix', 1.0, '--amp', 'bf16', '--router', 'similarity']) == 0
+                       '--cutmix', 1.0, '--amp', 'bf16', '--router', 'attention']) == 0
     state = torch.load(out / 'opts' / 'last.pt', weights_only=True)
     assert set(state['ema']) == set(load_file(out / 'opts' / 'last.safetensors'))
     code, captured = run(args + ['--val-size', 500], capsys)
