@@ -39,7 +39,8 @@ import simoe_vision  # noqa: E402,F401  (registers the models)
 from simoe_vision.layers import exclude_from_ddp, reduce_expert_gradients  # noqa: E402
 from simoe_vision.models import moe_layers  # noqa: E402
 
-COLUMNS = ('ep', 'world', 'step_ms', 'img_s', 'a2a_ms', 'a2a_share', 'state_mib', 'peak_mib')
+COLUMNS = {'ep': '{}', 'world': '{}', 'step_ms': '{:.0f}', 'img_s': '{:.1f}', 'a2a_ms': '{:.1f}',
+           'a2a_share': '{:.3f}', 'state_mib': '{:.1f}', 'peak_mib': '{:.0f}'}
 MIB = 2 ** 20
 
 
@@ -167,8 +168,7 @@ def markdown(rows: List[Dict[str, Any]], args: argparse.Namespace) -> str:
             'ep 1 = DDP')
     lines = [head, '', '| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
     for r in rows:
-        lines.append('| ' + ' | '.join(f'{r[c]:.3g}' if isinstance(r[c], float) else str(r[c]) for c in COLUMNS)
-                     + ' |')
+        lines.append('| ' + ' | '.join(fmt.format(r[c]) for c, fmt in COLUMNS.items()) + ' |')
     return '\n'.join(lines)
 
 

@@ -1,6 +1,7 @@
 """Expert parallelism on CPU/gloo: 2 and 4 processes against one process holding every expert (loss, gradients,
 updated weights and optimizer state, capacity drops; both families, every router), the single-file checkpoint that
 train.py writes, and resumes at another EP size."""
+import importlib.util
 import json
 import os
 import shutil
@@ -256,11 +257,16 @@ def _resumed(run: Path, copy: Path, world: int, ep: int) -> Dict[str, torch.Tens
     return load_file(copy / 'last.safetensors')
 
 
-def _split_run(fashion: Path, out: Path, name: str) -> Path:
-    """Epoch 1 of 2 with 2 processes, EP = 2; returns the run folder."""
-    _train_py(2, [*TINY, '--data-dir', fashion, '--epochs', 2, '--stop-after', 1, '--output', out,
-                  '--experiment', name, '--expert-parallel', 2])
+def _ep2_run(fashion: Path, out: Path, name: str, *flags: Any) -> Path:
+    """2 epochs with 2 processes, EP = 2, an EMA of the weights (gathered too); returns the run folder."""
+    _train_py(2, [*TINY, '--data-dir', fashion, '--epochs', 2, '--output', out, '--experiment', name,
+                  '--expert-parallel', 2, '--model-ema', *flags])
     return out / name
+
+
+def _split_run(fashion: Path, out: Path, name: str) -> Path:
+    """Epoch 1 of :func:`_ep2_run`."""
+    return _ep2_run(fashion, out, name, '--stop-after', 1)
 
 
 def test_train_py_ep2_writes_one_checkpoint_that_resumes_at_ep1(fashion, tmp_path):
@@ -286,10 +292,8 @@ def test_train_py_ep2_writes_one_checkpoint_that_resumes_at_ep1(fashion, tmp_pat
 @pytest.mark.slow
 def test_train_py_ep_resume_is_bit_identical_and_reshards_to_ep4(fashion, tmp_path):
     out = tmp_path / 'runs'
-    _train_py(2, [*TINY, '--data-dir', fashion, '--epochs', 2, '--output', out, '--experiment', 'full',
-                  '--expert-parallel', 2])
+    full = load_file(_ep2_run(fashion, out, 'full') / 'last.safetensors')
     run = _split_run(fashion, out, 'split')
-    full = load_file(out / 'full' / 'last.safetensors')
     resumed = _resumed(run, tmp_path / 'split_ep2', 2, 2)
     assert all(torch.equal(full[k], v) for k, v in resumed.items())  # through the gathered file and back, exactly
     _close(_resumed(run, tmp_path / 'ep4', 4, 4), _resumed(run, tmp_path / 'ep1_w4', 4, 1), 'EP 4 vs EP 1 on 4')
@@ -304,3 +308,15 @@ def test_bad_expert_parallel_sizes_exit_2_in_one_line(fashion, tmp_path, capsys,
     code = main([str(a) for a in [*TINY, '--data-dir', fashion, '--output', tmp_path, *flags]])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_benchmark_ep_measures_ddp_and_ep():
+    spec = importlib.util.spec_from_file_location('benchmark_ep', ROOT / 'benchmark_ep.py')
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules['benchmark_ep'] = bench  # the spawned processes import it by name
+    spec.loader.exec_module(bench)
+    ddp, ep = bench.main(['--model', 'vmoe_test', '--num-experts', '4', '--batch-size', '2', '--steps', '1',
+                          '--warmup', '0'])
+    assert (ddp['ep'], ep['ep']) == (1, 2) and ddp['a2a_ms'] == 0 < ep['a2a_ms']
+    assert ep['state_mib'] < ddp['state_mib']  # half the experts, their gradients and AdamW moments
