@@ -89,9 +89,9 @@ def expert_parallel_layout(size: int) -> ExpertParallelLayout:
 
 
 def _all_to_all(rows: Tensor, send: List[int], receive: List[int], group: Any) -> Tensor:
-    """Autograd-aware variable-size all-to-all of ``rows``: ``send[j]`` rows to group member j, ``receive[i]`` from i."""
+    """Autograd-aware variable-size all-to-all: ``send[j]`` rows to group member j, ``receive[i]`` from member i."""
     out = rows.new_empty((sum(receive), *rows.shape[1:]))
-    with warnings.catch_warnings():  # it points at torch._functional_collectives, which has no gloo all-to-all
+    with warnings.catch_warnings():  # its deprecation notice (a FutureWarning per call site) is not for the user
         warnings.simplefilter('ignore', FutureWarning)
         return dist_fn.all_to_all_single(out, rows.contiguous(), receive, send, group=group)
 
@@ -185,15 +185,16 @@ def expert_parallel_size(model: nn.Module) -> int:
     return banks[0][1].layout.size if banks else 1
 
 
-def _sharded_names(model: nn.Module) -> List[str]:
-    return [f'{name}.{p}' if name else p for name, bank in sharded_experts(model)
+def _sharded_keys(model: nn.Module) -> List[Tuple[str, ShardedExperts]]:
+    """(state-dict key, bank) of every per-expert tensor of ``model``."""
+    return [(f'{name}.{p}' if name else p, bank) for name, bank in sharded_experts(model)
             for p, _ in bank.named_parameters(recurse=False)]
 
 
 def exclude_from_ddp(model: nn.Module) -> None:
     """Keep DistributedDataParallel (wrapped around ``model`` after this call) off the per-expert tensors:
     :func:`reduce_expert_gradients` averages them over their replicas instead."""
-    names = _sharded_names(model)
+    names = [key for key, _ in _sharded_keys(model)]
     if names:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
@@ -238,13 +239,10 @@ def gather_state_dict(model: nn.Module) -> Optional[Dict[str, Tensor]]:
     """``model``'s single-process state dict: with sharded experts, gathered on global rank 0 (a collective; the
     other processes get None); otherwise ``model.state_dict()`` on every process."""
     state = model.state_dict()
-    for name, bank in sharded_experts(model):
-        for param, _ in bank.named_parameters(recurse=False):
-            key = f'{name}.{param}' if name else param
-            state[key] = bank.layout.gather_to_first(state[key])
-    if sharded_experts(model) and dist.get_rank() != 0:
-        return None
-    return state
+    keys = _sharded_keys(model)
+    for key, bank in keys:
+        state[key] = bank.layout.gather_to_first(state[key])
+    return None if keys and dist.get_rank() != 0 else state
 
 
 def _sharded_state_indices(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[int, ShardedExperts]:
