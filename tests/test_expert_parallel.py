@@ -276,6 +276,7 @@ def test_train_py_ep2_writes_one_checkpoint_that_resumes_at_ep1(fashion, tmp_pat
     one = timm.create_model('vmoe_test', num_experts=4, in_chans=1, checkpoint_path=str(run / 'last.safetensors'))
     weights = load_file(run / 'last.safetensors')
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in one.state_dict().items()}
+    assert all(torch.equal(one.state_dict()[k], v) for k, v in weights.items())  # one process, every expert
     optimizer = torch.load(run / 'last.pt', weights_only=True)['optimizer']
     shapes = {tuple(v.shape) for entry in optimizer['state'].values() for v in entry.values()}
     assert (4, 32, 64) in shapes  # the AdamW moments of a whole expert bank (E=4, d=32, hidden 64)
