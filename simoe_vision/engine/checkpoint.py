@@ -25,7 +25,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ CONFIG_METADATA_KEY = 'simoe_vision.config'
 SAVE_ID = 'save_id'  # key of the save id in the weights' metadata and in the training state
 LAST, BEST, INTERRUPTED = 'last', 'best', 'interrupted'
 STAGED = 'next'  # staged pair: TAG.next.safetensors + TAG.next.pt
+Weights = Union[nn.Module, Mapping[str, torch.Tensor]]  # a model, or its state dict (e.g. gathered from processes)
 
 
 class CheckpointError(ValueError):
@@ -141,15 +142,17 @@ def new_save_id() -> str:
     return uuid.uuid4().hex
 
 
-def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+def _weights(model: Weights) -> Dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage: give each tensor its own contiguous copy
-    return {k: v.detach().to('cpu').contiguous().clone() for k, v in model.state_dict().items()}
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    return {k: v.detach().to('cpu').contiguous().clone() for k, v in state.items()}
 
 
-def save_weights(model: nn.Module, path: str | Path, epoch: int, config: Optional[Dict[str, Any]] = None,
+def save_weights(model: Weights, path: str | Path, epoch: int, config: Optional[Dict[str, Any]] = None,
                  save_id: Optional[str] = None) -> None:
-    """Model weights as safetensors, atomically, with ``epoch``, ``save_id`` and the run ``config`` (JSON) in the
-    metadata: a weights file copied out of its run folder still says which model, router and MoE settings it needs."""
+    """Model weights (a model or a state dict) as safetensors, atomically, with ``epoch``, ``save_id`` and the run
+    ``config`` (JSON) in the metadata: a weights file copied out of its run folder still says which model, router and
+    MoE settings it needs."""
     tensors = _weights(model)
     metadata = {'epoch': str(epoch)}
     if save_id is not None:
@@ -193,7 +196,7 @@ def discard_staged(folder: str | Path, tag: str) -> None:
         _remove(path)
 
 
-def stage_checkpoint(folder: str | Path, tag: str, model: nn.Module, state: Dict[str, Any],
+def stage_checkpoint(folder: str | Path, tag: str, model: Weights, state: Dict[str, Any],
                      config: Optional[Dict[str, Any]] = None, save_id: Optional[str] = None) -> str:
     """Write ``TAG.next.safetensors`` then ``TAG.next.pt`` (``state`` must hold 'epoch'), both carrying ``save_id``
     (default: a new one, returned). On any error the staged files are removed: the committed pair is untouched."""
@@ -221,7 +224,7 @@ def commit_checkpoint(folder: str | Path, tag: str) -> Path:
     return pt
 
 
-def save_checkpoint(run_dir: str | Path, tag: str, model: nn.Module, state: Dict[str, Any],
+def save_checkpoint(run_dir: str | Path, tag: str, model: Weights, state: Dict[str, Any],
                     config: Optional[Dict[str, Any]] = None, save_id: Optional[str] = None) -> Path:
     """Stage and commit ``run_dir/TAG.{safetensors,pt}`` (``config`` in the weights' metadata); returns the .pt."""
     stage_checkpoint(run_dir, tag, model, state, config, save_id)

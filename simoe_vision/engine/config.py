@@ -168,6 +168,9 @@ OPTIONS: Dict[str, Option] = {
     'model_kwargs': Option(_model_kwargs, {}, 'extra model constructor kwargs: JSON object or k=v,k=v '
                            "(capacity_factor=dropless for no capacity limit)"),
     'drop_path': Option(_float, 0.0, 'stochastic depth rate', check=_probability, requirement='in [0, 1]'),
+    'expert_parallel': Option(_int, 1, 'expert-parallel size EP: each process holds E/EP experts of every MoE layer '
+                              '(EP must divide the number of processes and of experts)', check=_positive,
+                              requirement='> 0'),
     # data
     'data': Option(_str, 'fashion_mnist', 'dataset', choices=('fashion_mnist', 'imagefolder')),
     'data_dir': Option(_optional(_str), None, 'dataset folder (Fashion-MNIST idx files, or train/ + val/ folders)'),
@@ -327,6 +330,9 @@ def check_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """Checks across keys (each key alone was checked on conversion)."""
     if config['top_k'] is not None and config['num_experts'] is not None and config['top_k'] > config['num_experts']:
         raise ConfigError(f"invalid value {config['top_k']} for top_k: must be <= num_experts "
+                          f"({config['num_experts']})")
+    if config['num_experts'] is not None and config['num_experts'] % config['expert_parallel']:
+        raise ConfigError(f"invalid value {config['expert_parallel']} for expert_parallel: must divide num_experts "
                           f"({config['num_experts']})")
     if config['data'] == 'imagefolder' and not config['data_dir']:
         raise ConfigError("data_dir is required for data 'imagefolder' (a folder holding train/ and val/)")

@@ -91,7 +91,9 @@ def build_run_data(config: Dict[str, Any], env: DistEnv) -> RunData:
         val=build_loader(val_set, eval_batch, train=False, workers=workers, **dist_kw),
         probe=build_loader(fixed_subset(val_set, config['probe_size'], seed=config['split_seed']), eval_batch,
                            train=False, workers=0),
-        test=build_loader(test_set, eval_batch, train=False, workers=workers) if env.is_main else None,
+        # rank 0 tests the best weights; with sharded experts every process joins (each forward is collective)
+        test=(build_loader(test_set, eval_batch, train=False, workers=workers)
+              if env.is_main or config['expert_parallel'] > 1 else None),
         num_classes=num_classes,
         data_config=data_config,
     )

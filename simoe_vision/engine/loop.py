@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ..layers import clip_grad_norm_, expert_parallel_size, reduce_expert_gradients
 from ..metrics import RoutingRecorder
 from .display import Display
 from .distributed import DistEnv, all_reduce_sum, all_reduce_totals
@@ -38,6 +39,15 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     if amp == 'bf16':
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _empty_batch(images: Tensor, env: DistEnv, sharded: bool) -> bool:
+    """Whether to skip this batch (every image unreadable). With sharded experts each forward is a collective, so
+    the processes agree first: one empty batch skips the step everywhere."""
+    empty = images.shape[0] == 0
+    if sharded:
+        empty = bool(all_reduce_sum(torch.tensor([float(empty)]), env).item() > 0)
+    return empty
 
 
 def forward_loss(model: nn.Module, criterion: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
@@ -71,13 +81,14 @@ def train_one_epoch(
     steps = len(loader)
     sums = torch.zeros(4, dtype=torch.float64)  # loss * n, aux * n, images, skipped
     core = unwrap(model)
+    sharded = expert_parallel_size(core) > 1
     interrupted = False
     with RoutingRecorder(core, keep_top1=False) as recorder:
         for step, (images, targets, skipped) in enumerate(display.track(loader, steps, f'train {epoch + 1}')):
             global_step = epoch * steps + step
             scheduler.step_update(global_step)
             sums[3] += skipped
-            empty = images.shape[0] == 0  # every image of the batch was unreadable
+            empty = _empty_batch(images, env, sharded)
             loss = None
             if not empty:
                 images = images.to(env.device, non_blocking=True)
@@ -102,8 +113,9 @@ def train_one_epoch(
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            reduce_expert_gradients(core)  # sharded experts: averaged over their replicas (DDP does the rest)
             if clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                clip_grad_norm_(core, clip_grad)
             optimizer.step()
             if ema is not None:
                 ema.update(core, step=global_step)
@@ -128,10 +140,11 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, display: Displa
              description: str = 'eval', reduce: bool = True) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy; sums are reduced over processes when ``reduce``."""
     model.eval()
+    sharded = expert_parallel_size(unwrap(model)) > 1
     sums = torch.zeros(5, dtype=torch.float64)  # correct1, correct5, loss * n, n, skipped
     for images, targets, skipped in display.track(loader, len(loader), description):
         sums[4] += skipped
-        if images.shape[0] == 0:
+        if _empty_batch(images, env, sharded):
             continue
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)

@@ -26,6 +26,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import ClassFoldersMismatchError, CorruptImageError, DatasetNotFoundError, IdxFormatError
+from ..layers import exclude_from_ddp, gather_optimizer_state, gather_state_dict, shard_optimizer_state
 from ..metrics import FluctuationTracker, RoutingRecorder
 from ..models import count_params
 from .checkpoint import (
@@ -65,7 +66,8 @@ INVOCATION_KEYS = ('resume', 'stop_after')  # settings of one invocation that a 
 # step count). Any other change (model, data split, batch size, optimizer, seed, ...) is refused.
 RESUME_APPLIED = ('epochs', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr', 'clip_grad', 'drop_path', 'hflip',
                   'color_jitter', 'scale', 'crop_padding', 'mixup', 'cutmix', 'mixup_prob', 'smoothing',
-                  'model_ema_decay', 'amp', 'eval_batch_size', 'workers', 'strict_data', 'data_dir', 'progress')
+                  'model_ema_decay', 'amp', 'eval_batch_size', 'workers', 'strict_data', 'data_dir', 'progress',
+                  'expert_parallel')
 RESUME_UNREPORTED = ('progress',)
 MID_EPOCH = 'mid_epoch'  # training-state key of a checkpoint saved mid-epoch (interrupted.pt)
 
@@ -179,6 +181,7 @@ def _run_dir(config: Dict[str, Any]) -> Path:
 def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal) -> Dict[str, Any]:
     """Train per a resolved ``config`` whose 'experiment' names the run folder (``main`` sets it); returns the
     results (also written to ``results.json``) or ``{'stopped': signal or None, 'epoch': n}``."""
+    _check_expert_parallel(config, env)
     torch.manual_seed(config['seed'])
     try:
         data = build_run_data(config, env)
@@ -187,7 +190,9 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
     except ValueError as e:  # e.g. a val_size larger than the training set
         raise ConfigError(f'cannot build the data from the config: {e}') from None
     in_chans = data.data_config['input_size'][0]
-    model = create_model_from_config(config, num_classes=data.num_classes, in_chans=in_chans).to(env.device)
+    sharded = config['expert_parallel'] > 1
+    model = create_model_from_config(config, num_classes=data.num_classes, in_chans=in_chans,
+                                     expert_parallel_size=config['expert_parallel']).to(env.device)
     config.update(model_settings(model))  # the saved config names the settings in force, the model's defaults too
     core = model
     steps = len(data.train)
@@ -222,6 +227,7 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / 'config.yaml')
     if env.distributed:
+        exclude_from_ddp(model)  # sharded experts: their gradients are averaged over their replicas instead
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
     total, active = count_params(core)
     display.print(f'{config["model"]} router={config["router"]} experts={config["num_experts"]} '
@@ -236,9 +242,11 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
                                 amp=config['amp'], clip_grad=config['clip_grad'], mixup=mixup,
                                 ema=ema, stop_requested=stop)
         if train['interrupted']:
+            weights, optimizer_state, ema_weights = _gathered(core, optimizer, ema)
             if env.is_main:
-                state = {**_state(optimizer, tracker, ema, epoch, best, step=train['images']), MID_EPOCH: True}
-                pt = save_checkpoint(run_dir, INTERRUPTED, core, state, config)
+                state = {**_state(optimizer_state, tracker, ema_weights, epoch, best, step=train['images']),
+                         MID_EPOCH: True}
+                pt = save_checkpoint(run_dir, INTERRUPTED, weights, state, config)
                 restart = 'from last.pt' if epoch > 0 else 'from the start: no epoch had finished'
                 display.print(f'stopped by signal {stop.signum} during epoch {epoch + 1}: saved {pt} (mid-epoch '
                               f'weights, not a resume point); resume with --resume {run_dir} (restarts epoch '
@@ -248,18 +256,20 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
         eval_model = ema.module if ema is not None else core
         val = evaluate(eval_model, data.val, env, display, amp=config['amp'], description=f'val {epoch + 1}')
         fluctuation = {}
-        if env.is_main:
+        if env.is_main or sharded:  # with sharded experts every process joins each forward
             fluctuation = tracker.update(epoch + 1, record_probe(eval_model, data.probe, env.device, config['amp']))
         row = epoch_row(epoch + 1, train, val, fluctuation, time.perf_counter() - started)
         is_best = val['top1'] > best['val_top1']
         if is_best:
             best = {'val_top1': val['top1'], 'val_top5': val['top5'], 'epoch': epoch + 1, SAVE_ID: new_save_id()}
+        weights, optimizer_state, ema_weights = _gathered(core, optimizer, ema)
         if env.is_main:
             rows.append(row)
             _write_metrics(run_dir, rows)
             _write_json(run_dir / 'fluctuation.json', fluctuation_report(tracker))
-            state = _state(optimizer, tracker, ema, epoch + 1, best)
-            _save_epoch(run_dir, core, eval_model, state, config, best[SAVE_ID] if is_best else None)
+            state = _state(optimizer_state, tracker, ema_weights, epoch + 1, best)
+            _save_epoch(run_dir, weights, weights if ema is None else ema_weights, state, config,
+                        best[SAVE_ID] if is_best else None)
             display.epoch_table(row, config['epochs'])
             if row['skipped_images']:
                 display.print(f'[yellow]warning:[/yellow] skipped {row["skipped_images"]} unreadable image(s) in '
@@ -273,9 +283,13 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
                       f'resume with --resume {run_dir}')
         return {'stopped': None, 'epoch': end_epoch}
     results: Dict[str, Any] = {}
-    if env.is_main:
-        load_checkpoint(run_dir / 'best.pt', core, save_id=best.get(SAVE_ID))  # the weights best names, or an error
+    if data.test is not None:  # rank 0, or with sharded experts every process (on the whole test set)
+        if sharded:
+            dist.barrier()  # rank 0 has written best
+        # the weights best names, or an error (rank 0 checks: the other processes drew their own save ids)
+        load_checkpoint(run_dir / 'best.pt', core, save_id=best.get(SAVE_ID) if env.is_main else None)
         test = evaluate(core, data.test, env, display, amp=config['amp'], description='test', reduce=False)
+    if env.is_main:
         results = {'test_top1': test['top1'], 'test_top5': test['top5'], 'test_images': test['images'],
                    'best_epoch': best['epoch'], 'best_val_top1': best['val_top1'], 'epochs': config['epochs'],
                    'params': total, 'active_params': active, 'train_time_s': sum(r['epoch_time'] for r in rows)}
@@ -308,7 +322,7 @@ def _restore(run_dir: Path, core: nn.Module, optimizer: torch.optim.Optimizer, t
     state, pt = load_checkpoint(run_dir, core)
     if state.get(MID_EPOCH):
         raise _mid_epoch_refusal(run_dir)
-    optimizer.load_state_dict(state['optimizer'])
+    optimizer.load_state_dict(shard_optimizer_state(state['optimizer'], optimizer, core))
     tracker.load_state_dict(state['tracker'])
     if ema is not None and 'ema' in state:
         ema.module.load_state_dict(state['ema'])
@@ -316,6 +330,13 @@ def _restore(run_dir: Path, core: nn.Module, optimizer: torch.optim.Optimizer, t
     best = dict(state['best'])
     display.print(f'resumed from {pt} (epoch {state["epoch"]}, best val top-1 {best["val_top1"]:.2f})')
     return int(state['epoch']), best
+
+
+def _check_expert_parallel(config: Dict[str, Any], env: DistEnv) -> None:
+    """EP must divide the number of processes (and the experts: checked with the model's own E when it is built)."""
+    if env.world_size % config['expert_parallel']:
+        raise ConfigError(f"invalid value {config['expert_parallel']} for expert_parallel: must divide the number of "
+                          f'processes ({env.world_size}); run with torchrun --nproc_per_node a multiple of it')
 
 
 def _check_resumed_length(config: Dict[str, Any], done: int, run_dir: Path) -> None:
@@ -336,15 +357,15 @@ def _check_finite(core: nn.Module, ema: Optional[ModelEmaV3], epoch: int, clip_g
                                  f'{divergence_hint(clip_grad)}')
 
 
-def _save_epoch(run_dir: Path, core: nn.Module, eval_model: nn.Module, state: Dict[str, Any],
-                config: Dict[str, Any], best_id: Optional[str]) -> None:
+def _save_epoch(run_dir: Path, weights: Dict[str, torch.Tensor], eval_weights: Dict[str, torch.Tensor],
+                state: Dict[str, Any], config: Dict[str, Any], best_id: Optional[str]) -> None:
     """Save a finished epoch as ``last`` and, when ``best_id`` is given, as ``best`` (the evaluated weights: the
     EMA's when on). ``best`` is staged first and committed only after ``last``, whose state names it, so a kill at
     any instant leaves a ``best`` that the committed ``last`` records."""
     if best_id is not None:
-        stage_checkpoint(run_dir, BEST, eval_model, state, config, save_id=best_id)
+        stage_checkpoint(run_dir, BEST, eval_weights, state, config, save_id=best_id)
     try:
-        stage_checkpoint(run_dir, LAST, core, state, config)
+        stage_checkpoint(run_dir, LAST, weights, state, config)
     except BaseException:
         if best_id is not None:
             discard_staged(run_dir, BEST)
@@ -354,13 +375,20 @@ def _save_epoch(run_dir: Path, core: nn.Module, eval_model: nn.Module, state: Di
         commit_checkpoint(run_dir, BEST)
 
 
-def _state(optimizer: torch.optim.Optimizer, tracker: FluctuationTracker, ema: Optional[ModelEmaV3], epoch: int,
-           best: Dict[str, Any], step: int = 0) -> Dict[str, Any]:
+def _gathered(core: nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[ModelEmaV3]) -> Tuple[Any, Any, Any]:
+    """(weights, optimizer state, EMA weights or None) as one process holding every expert has them: with sharded
+    experts gathered on rank 0 (every process must call this; the others get None)."""
+    return (gather_state_dict(core), gather_optimizer_state(optimizer, core),
+            gather_state_dict(ema.module) if ema is not None else None)
+
+
+def _state(optimizer_state: Dict[str, Any], tracker: FluctuationTracker, ema_weights: Optional[Dict[str, Any]],
+           epoch: int, best: Dict[str, Any], step: int = 0) -> Dict[str, Any]:
     """The training state of a checkpoint (tensors and plain containers only: ``weights_only``-loadable)."""
-    state = {'epoch': epoch, 'step': step, 'optimizer': optimizer.state_dict(), 'tracker': tracker.state_dict(),
+    state = {'epoch': epoch, 'step': step, 'optimizer': optimizer_state, 'tracker': tracker.state_dict(),
              'best': dict(best), 'rng': capture_rng()}
-    if ema is not None:
-        state['ema'] = ema.module.state_dict()
+    if ema_weights is not None:
+        state['ema'] = ema_weights
     return state
 
 

@@ -42,6 +42,9 @@ class MoeConfig:
         aux_loss_scale: factor on the aux-loss gradient riding the layer's backward pass; set it to what the loop
             multiplies its task loss by (``1 / N`` for N accumulation steps, a GradScaler's scale), so the balance
             weight stays the configured one. ``set_aux_loss_scale`` on a model changes it between steps.
+        expert_parallel_size: EP; > 1 shards each layer's experts over the processes of an expert-parallel group
+            (E / EP per process; needs torch.distributed with a world size divisible by EP; see
+            :mod:`simoe_vision.layers.expert_parallel`). Routing and capacity stay on the tokens' process.
     """
 
     num_experts: int = 8
@@ -53,6 +56,7 @@ class MoeConfig:
     capacity_group: str = 'image'
     batch_prioritized: bool = False
     aux_loss_scale: float = 1.0
+    expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         check_router_name(self.router)
@@ -63,6 +67,11 @@ class MoeConfig:
             raise ValueError(f'capacity_group must be one of {", ".join(CAPACITY_GROUPS)}, '
                              f'got {self.capacity_group!r}')
         self.aux_loss_scale = float(self.aux_loss_scale)
+        ep = self.expert_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ValueError(f'expert_parallel_size must be a positive integer, got {ep!r}')
+        if self.num_experts % ep:
+            raise ValueError(f'num_experts={self.num_experts} is not divisible by expert_parallel_size={ep}')
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..routers import RoutingOutput, TokenGraph, TokenLayout, create_router, expert_counts
 from .config import MoeConfig
 from .dispatch import assign_slots, expert_capacity
-from .experts import Experts
+from .expert_parallel import build_experts
 
 __all__ = ['MoeMlp', 'attach_aux_loss']
 
@@ -71,8 +71,8 @@ class MoeMlp(nn.Module):
         hidden_features = hidden_features or in_features
         self.moe = moe
         self.router = create_router(moe.router, in_features, moe.num_experts, top_k=moe.top_k, **moe.router_kwargs)
-        self.experts = Experts(moe.num_experts, in_features, hidden_features, out_features, act_layer, norm_layer,
-                               bias, drop, device=device, dtype=dtype)
+        self.experts = build_experts(moe.expert_parallel_size, moe.num_experts, in_features, hidden_features,
+                                     out_features, act_layer, norm_layer, bias, drop, device=device, dtype=dtype)
         self.last_routing: RoutingOutput | None = None
 
     @property

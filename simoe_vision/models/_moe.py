@@ -91,10 +91,12 @@ def upcycle_state_dict(dense_state_dict: Dict[str, Tensor], model: nn.Module) ->
 
 
 def count_params(model: nn.Module) -> Tuple[int, int]:
-    """(total parameters, parameters active per token): each MoE layer's experts count k/E of their size."""
+    """(total parameters, parameters active per token): each MoE layer's experts count k/E of their size. Experts
+    held by other processes (expert parallelism) count as well: the numbers are the whole model's."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for _, m in moe_layers(model):
-        expert_params = sum(p.numel() for p in m.experts.parameters())
-        inactive += expert_params * (m.num_experts - m.top_k) // m.num_experts
+        per_expert = sum(p.numel() for p in m.experts.parameters(recurse=False)) // m.experts.num_experts
+        total += per_expert * (m.num_experts - m.experts.num_experts)
+        inactive += per_expert * (m.num_experts - m.top_k)
     return total, total - inactive
