@@ -1,10 +1,10 @@
 """MoE layers: the MoE settings, the MoE MLP, its experts bank, the capacity dispatch math and the attention layer
 that hands its graph to the router."""
 from .attention import GraphAttention
-from .config import CAPACITY_GROUPS, DROPLESS, MoeConfig
-from .dispatch import assign_slots, expert_capacity
+from .config import CAPACITY_GROUPS, DROPLESS, EVAL_DISPATCHES, MoeConfig
+from .dispatch import assign_slots, buffer_rows, expert_capacity, row_sources
 from .experts import Experts
 from .moe_mlp import MoeMlp, attach_aux_loss
 
-__all__ = ['MoeConfig', 'DROPLESS', 'CAPACITY_GROUPS', 'MoeMlp', 'Experts', 'GraphAttention', 'assign_slots',
-           'expert_capacity', 'attach_aux_loss']
+__all__ = ['MoeConfig', 'DROPLESS', 'CAPACITY_GROUPS', 'EVAL_DISPATCHES', 'MoeMlp', 'Experts', 'GraphAttention',
+           'assign_slots', 'buffer_rows', 'row_sources', 'expert_capacity', 'attach_aux_loss']
