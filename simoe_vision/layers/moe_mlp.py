@@ -123,6 +123,11 @@ class MoeMlp(nn.Module):
             out = attach_aux_loss(out, routing.aux_loss, self.moe.aux_loss_scale)
         return out.reshape(batch, tokens, -1)
 
+    def __prepare_scriptable__(self) -> MoeMlp:
+        """torch.jit.script calls this first: fail with what works instead of a TorchScript error deep inside."""
+        raise RuntimeError('torch.jit.script cannot compile MoE layers (dataclass routing outputs, token graphs); in '
+                           'eval mode use torch.export.export, ONNX (python export.py) or torch.jit.trace')
+
     def uses_static_dispatch(self) -> bool:
         """Whether forward takes :meth:`_dispatch_static`: in eval mode, when configured or while capturing a graph."""
         return not self.training and (self.moe.eval_dispatch == 'static' or is_capturing())
@@ -138,6 +143,10 @@ class MoeMlp(nn.Module):
         k = self.top_k
         groups, group_tokens = (batch, tokens) if self.moe.capacity_group == 'image' else (1, batch * tokens)
         cf = self.moe.capacity(training=False)
+        if cf is not None and groups == 1 and torch.jit.is_tracing():
+            raise RuntimeError("torch.jit.trace would freeze the capacity of capacity_group='batch' (it follows the "
+                               'batch size) and give wrong outputs at other batch sizes; use torch.export or ONNX '
+                               "(python export.py), or capacity_group='image'")
         capacity = group_tokens if cf is None else expert_capacity(group_tokens, self.num_experts, k, cf)
         priority = (routing.probs.max(dim=-1).values.reshape(groups, group_tokens)
                     if self.moe.batch_prioritized else None)
