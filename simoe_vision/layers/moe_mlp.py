@@ -141,9 +141,10 @@ class MoeMlp(nn.Module):
         """
         batch, tokens, dim = x.shape
         k = self.top_k
-        groups, group_tokens = (batch, tokens) if self.moe.capacity_group == 'image' else (1, batch * tokens)
+        per_image = self.moe.capacity_group == 'image'
+        groups, group_tokens = (batch, tokens) if per_image else (1, batch * tokens)
         cf = self.moe.capacity(training=False)
-        if cf is not None and groups == 1 and torch.jit.is_tracing():
+        if cf is not None and not per_image and torch.jit.is_tracing():
             raise RuntimeError("torch.jit.trace would freeze the capacity of capacity_group='batch' (it follows the "
                                'batch size) and give wrong outputs at other batch sizes; use torch.export or ONNX '
                                "(python export.py), or capacity_group='image'")
