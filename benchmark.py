@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -325,7 +326,7 @@ def run_deploy_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
             diffs = check_export(model, data_config, path, 'onnx', batch_sizes=(args.batch_size,), threads=threads)
             run = load_runner(path, 'onnx', threads)
             steps = {'eager': _eager_step(model, x), 'eager_static': _eager_step(static, x),
-                     'onnxruntime': lambda: run(x)}
+                     'onnxruntime': partial(run, x)}
             seconds = interleaved(steps, args.rounds, args.warmup)
         for variant, sec in seconds.items():
             rows.append(dict(suite='deploy', variant=variant, model=name, router=args.deploy_router,

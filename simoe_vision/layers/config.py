@@ -12,8 +12,8 @@ __all__ = ['DROPLESS', 'CAPACITY_GROUPS', 'EVAL_DISPATCHES', 'MoeConfig']
 # k=v flags and timm's --model-kwargs all carry a string unchanged).
 DROPLESS = 'dropless'
 CAPACITY_GROUPS = ('image', 'batch')
-# 'sorted': kept pairs sorted by expert, no padding (fastest eager); 'static': fixed capacity buffers, no host sync and
-# no data-dependent shapes (what export and torch.compile use in eval mode, whatever this says).
+# 'sorted': kept pairs sorted by expert, no padding (the fastest eager); 'static': fixed capacity buffers, no host sync
+# and no data-dependent shapes (what export, tracing and torch.compile always use in eval mode).
 EVAL_DISPATCHES = ('sorted', 'static')
 CapacityFactor = Union[float, str]
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Tuple, Type, Union
+from typing import Any, Dict, NoReturn, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -123,7 +123,7 @@ class MoeMlp(nn.Module):
             out = attach_aux_loss(out, routing.aux_loss, self.moe.aux_loss_scale)
         return out.reshape(batch, tokens, -1)
 
-    def __prepare_scriptable__(self) -> MoeMlp:
+    def __prepare_scriptable__(self) -> NoReturn:
         """torch.jit.script calls this first: fail with what works instead of a TorchScript error deep inside."""
         raise RuntimeError('torch.jit.script cannot compile MoE layers (dataclass routing outputs, token graphs); in '
                            'eval mode use torch.export.export, ONNX (python export.py) or torch.jit.trace')
@@ -137,7 +137,9 @@ class MoeMlp(nn.Module):
 
         Inference only. Every shape follows from x's and the config (capacity C from the eval factor, or C = the
         tokens of a group when dropless), and tokens reach their slots by gathers, so nothing syncs with the host and
-        the graph exports. Keeps exactly the pairs the sorted dispatch keeps; empty slots cost expert compute.
+        the graph exports. Slots are assigned as in the sorted dispatch, so the same pairs are kept (and the outputs
+        equal); the price is expert compute on empty slots (the buffers hold ``cf`` times the kept pairs, or E / k
+        times when dropless).
         """
         batch, tokens, dim = x.shape
         k = self.top_k
@@ -205,4 +207,3 @@ class MoeMlp(nn.Module):
         slots = counts.max() if cf is None else torch.tensor(capacity, device=x.device)
         stats = {'dropped_fraction': 1.0 - keep_fraction, 'capacity': slots}
         return out, stats
-
