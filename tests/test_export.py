@@ -13,6 +13,7 @@ import torch
 import simoe_vision  # noqa: F401
 from simoe_vision.deploy import check_export, example_images, export_program, load_runner, main
 from simoe_vision.layers import MoeConfig, MoeMlp, buffer_rows, row_sources
+from simoe_vision.metrics import RoutingRecorder
 from simoe_vision.models import moe_layers
 from simoe_vision.routers import create_router, graph
 
@@ -116,6 +117,12 @@ def test_router_without_losses_selects_the_same_and_computes_no_losses():
     for field in ('indices', 'weights', 'probs'):
         assert torch.equal(getattr(full, field), getattr(bare, field))
     assert full.aux_loss > 0 and bare.aux_loss == 0 and bare.stats == {}
+
+
+def test_routing_recorder_says_the_static_dispatch_keeps_no_record():
+    model = _model('vmoe_test', 'softmax', eval_dispatch='static')
+    with RoutingRecorder(model), pytest.raises(RuntimeError, match="blocks.1.mlp kept no routing record"):
+        _eager(model, _images(2))
 
 
 # ------------------------------------------------------------------ capture: trace, script, export, compile
@@ -259,3 +266,4 @@ def test_export_py_bad_inputs_are_one_line(weights, tmp_path, capsys, extra, mes
 def test_export_py_missing_checkpoint(tmp_path, capsys):
     code, cap = _export(['--checkpoint', tmp_path / 'nope', '--model', 'vmoe_test'], capsys)
     assert code == 2 and cap.err.startswith('error: checkpoint') and len(cap.err.strip().splitlines()) == 1
+
