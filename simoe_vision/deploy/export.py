@@ -12,13 +12,16 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..models import moe_layers
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 __all__ = ['FORMATS', 'SUFFIXES', 'DEFAULT_TOLERANCE', 'DeployError', 'example_images', 'export_program',
            'write_export', 'load_runner', 'onnx_session', 'max_differences', 'check_export']
@@ -66,8 +69,9 @@ def write_export(program: torch.export.ExportedProgram, path: Path, fmt: str) ->
     onnx_program.save(path)
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session for ``path``; ``threads`` intra-op threads (default: onnxruntime's choice)."""
+def onnx_session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
+    """An onnxruntime CPU session for ``path``; ``threads`` intra-op threads (default: onnxruntime's choice).
+    onnxruntime is imported here, so ``--format export`` works without it."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
