@@ -10,6 +10,9 @@ In the spirit of timm's benchmark.py. Suites:
   one MoE layer and the whole nano V-MoE at 224 px, each case in a fresh subprocess after a warm-up step: peak RSS
   during the step (VmHWM, reset through /proc/self/clear_refs) minus the RSS before it. CPU has no allocator peak
   counter; RSS includes allocator caching, so small differences are noise.
+* ``deploy`` (not in the default set): CPU inference of each ``--deploy-models`` model exported to ONNX and run in
+  onnxruntime vs eager PyTorch (the sorted dispatch, and the static one that export captures), same images, the
+  onnxruntime session on as many threads as torch; the file is checked against eager first (``max_diff``).
 
 Variants of a suite run interleaved (round r runs every variant once) and the median over rounds is reported, so the
 ratios come from one run under the same machine load. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
@@ -21,6 +24,7 @@ tokens actually kept (the sorted dispatch never computes empty capacity slots).
     python benchmark.py --output results/bench         # the full run (ViT-Ti/16 size, 197 tokens, batch 32)
     python benchmark.py --model vmoe_small_patch16_224 --suites model --threads 1
     python benchmark.py --suites model --swin-model swin_moe_tiny_patch4_window7_224 --batch-size 8
+    python benchmark.py --suites deploy --threads 1 --batch-size 8   # onnxruntime vs eager, vmoe_nano and Ti/16
 
 On a machine shared with other jobs, pass ``--threads 1``: with more OpenMP threads than free cores every op waits
 for its slowest thread (measured here: 2 threads under load 6 ran a train step 5-10x slower than 1 thread).
@@ -35,8 +39,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -51,6 +57,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import simoe_vision  # noqa: E402,F401  (registers the models)
+from simoe_vision.deploy import check_export, example_images, load_runner  # noqa: E402
 from simoe_vision.models import count_params  # noqa: E402
 from simoe_vision.models.summary import register_cpu_flash_flops  # noqa: E402
 from simoe_vision.routers import ROUTERS, TokenGraph, create_router  # noqa: E402
@@ -58,7 +65,8 @@ from simoe_vision.routers import ROUTERS, TokenGraph, create_router  # noqa: E40
 register_cpu_flash_flops()
 
 
-SUITES = ('model', 'router', 'memory')
+SUITES = ('model', 'router', 'memory', 'deploy')
+DEFAULT_SUITES = ('model', 'router', 'memory')
 
 # Targets on 197 tokens, batch >= 32, 2-core CPU (the project's performance issue).
 TARGET_MOE_VS_FLOPS = 1.10  # (a) V-MoE / dense train-step time <= 1.10 x their FLOP ratio
@@ -291,6 +299,43 @@ def run_memory_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return rows
 
 
+# -------------------------------------------------------------------------------------------------------- deploy
+
+def _eager_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            model(x)
+    return step
+
+
+def run_deploy_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Per model: export to ONNX (checked against eager), then eager sorted / eager static / onnxruntime interleaved."""
+    rows: List[Dict[str, Any]] = []
+    threads = torch.get_num_threads()
+    for name in args.deploy_models:
+        kwargs = dict(router=args.deploy_router, num_experts=args.num_experts, top_k=args.top_k,
+                      num_classes=args.num_classes)
+        torch.manual_seed(0)
+        model = timm.create_model(name, **kwargs).eval()
+        static = timm.create_model(name, eval_dispatch='static', **kwargs).eval()
+        static.load_state_dict(model.state_dict())
+        data_config = timm.data.resolve_data_config(model=model)
+        x = example_images(data_config, args.batch_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f'{name}.onnx'
+            diffs = check_export(model, data_config, path, 'onnx', batch_sizes=(args.batch_size,), threads=threads)
+            run = load_runner(path, 'onnx', threads)
+            steps = {'eager': _eager_step(model, x), 'eager_static': _eager_step(static, x),
+                     'onnxruntime': partial(run, x)}
+            seconds = interleaved(steps, args.rounds, args.warmup)
+        for variant, sec in seconds.items():
+            rows.append(dict(suite='deploy', variant=variant, model=name, router=args.deploy_router,
+                             img_size=data_config['input_size'][-1], batch=args.batch_size, threads=threads,
+                             step_ms=sec * 1e3, img_s=args.batch_size / sec, time_vs_eager=sec / seconds['eager'],
+                             max_diff=diffs[args.batch_size] if variant == 'onnxruntime' else math.nan))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------- targets
 
 @dataclass
@@ -336,6 +381,8 @@ COLUMNS = {
               'flops_vs_dense', 'time_vs_dense', 'time_vs_softmax'],
     'router': ['variant', 'tokens', 'experts', 'batch', 'dim', 'step_ms', 'time_vs_softmax'],
     'memory': ['variant', 'tokens', 'batch', 'dim', 'peak_mib', 'memory_vs_softmax'],
+    'deploy': ['model', 'variant', 'router', 'img_size', 'batch', 'threads', 'step_ms', 'img_s', 'time_vs_eager',
+               'max_diff'],
 }
 
 
@@ -343,6 +390,8 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return '-'
+        if 0 < abs(value) < 1e-3:  # e.g. max_diff
+            return f'{value:.1e}'
         return f'{value:.3f}' if abs(value) < 10 else f'{value:.1f}'
     return '-' if value is None else str(value)
 
@@ -417,8 +466,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--suites', type=lambda s: s.split(','), default=list(SUITES),
-                   help=f'comma-separated subset of {",".join(SUITES)} (default: all)')
+    p.add_argument('--suites', type=lambda s: s.split(','), default=list(DEFAULT_SUITES),
+                   help=f'comma-separated subset of {",".join(SUITES)} (default: {",".join(DEFAULT_SUITES)})')
     p.add_argument('--model', default='vmoe_tiny_patch16_224', help='V-MoE model; its dense twin has the same dims')
     p.add_argument('--swin-model', default=None, help='a swin_moe_* model to compare with its dense timm swin_*')
     p.add_argument('--img-size', type=int, default=224)
@@ -441,6 +490,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--router-iters', type=int, default=2, help='router calls per round and variant')
     p.add_argument('--memory-tokens', type=int, default=3137)
     p.add_argument('--memory-batch', type=int, default=4)
+    p.add_argument('--deploy-models', type=lambda s: s.split(','),
+                   default=['vmoe_nano_patch4_32', 'vmoe_tiny_patch16_224'],
+                   help='deploy suite: models exported to ONNX, each at its own input size (default: nano and Ti/16)')
+    p.add_argument('--deploy-router', choices=list(ROUTERS), default='attention',
+                   help='deploy suite: the router of its models (default attention)')
     p.add_argument('--output', type=Path, default=None, help='write results.csv and results.md here')
     p.add_argument('--no-rich', action='store_true', help='print markdown instead of rich tables')
     p.add_argument('--quick', action='store_true', help='< 60 s smoke run (nano model, small N, 2 rounds)')
@@ -458,6 +512,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     bad = sorted(set(args.routers) - set(ROUTERS))
     if bad:
         p.error(f'unknown router(s) {", ".join(bad)}; valid: {", ".join(ROUTERS)}')
+    unregistered = [m for m in args.deploy_models if not timm.is_model(m)]
+    if unregistered:
+        p.error(f'--deploy-models: {", ".join(unregistered)} not registered; valid: vmoe_*, swin_moe_*')
     if args.model not in timm.list_models('vmoe*'):
         valid = ', '.join(timm.list_models('vmoe*'))
         p.error(f'--model {args.model!r} is not a registered V-MoE model; valid: {valid}')
@@ -478,7 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     print(header, flush=True)
     start = time.perf_counter()
     rows: List[Dict[str, Any]] = []
-    for suite, run in (('model', run_model_suite), ('router', run_router_suite), ('memory', run_memory_suite)):
+    for suite, run in (('model', run_model_suite), ('router', run_router_suite), ('memory', run_memory_suite),
+                       ('deploy', run_deploy_suite)):
         if suite in args.suites:
             rows += run(args)
             print(f'{suite} suite done at {time.perf_counter() - start:.0f} s', flush=True)

@@ -171,3 +171,14 @@ def test_benchmark_smoke_in_process(tmp_path):
             assert r['img_s'] > 0 and math.isfinite(r['img_s'])
     assert (tmp_path / 'results.csv').stat().st_size > 0
     assert '| ' in (tmp_path / 'results.md').read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_deploy_suite(tmp_path):
+    bench = _load_benchmark()
+    results = bench.main(['--suites', 'deploy', '--deploy-models', 'vmoe_test', '--num-experts', '4', '--batch-size',
+                          '2', '--rounds', '1', '--warmup', '0', '--threads', '1', '--no-rich'])
+    rows = {r['variant']: r for r in results}
+    assert set(rows) == {'eager', 'eager_static', 'onnxruntime'}
+    assert rows['onnxruntime']['max_diff'] <= 1e-5 and rows['eager']['time_vs_eager'] == 1.0
+    assert all(r['img_s'] > 0 and r['model'] == 'vmoe_test' for r in results)

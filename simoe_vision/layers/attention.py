@@ -9,7 +9,7 @@ from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from torch import Tensor
 
-from ..routers import TokenGraph
+from ..routers import TokenGraph, TokenLayout
 
 __all__ = ['GraphAttention']
 
@@ -43,7 +43,8 @@ class GraphAttention(Attention):
         if gate is not None:
             out = out * gate
         out = self.proj_drop(self.proj(out))
-        return out, TokenGraph(q=q, k=k, scale=self.scale, bias=_additive_mask(attn_mask, q))
+        # layout given, not defaulted: torch.compile(fullgraph=True) cannot wrap a dataclass's shared default instance
+        return out, TokenGraph(q=q, k=k, scale=self.scale, bias=_additive_mask(attn_mask, q), layout=TokenLayout())
 
 
 def _additive_mask(attn_mask: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:

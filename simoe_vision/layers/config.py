@@ -6,12 +6,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ..routers import check_router_name
 
-__all__ = ['DROPLESS', 'CAPACITY_GROUPS', 'MoeConfig']
+__all__ = ['DROPLESS', 'CAPACITY_GROUPS', 'EVAL_DISPATCHES', 'MoeConfig']
 
 # The spelling of "no capacity limit": a string, because timm.create_model drops every None-valued kwarg (and YAML,
 # k=v flags and timm's --model-kwargs all carry a string unchanged).
 DROPLESS = 'dropless'
 CAPACITY_GROUPS = ('image', 'batch')
+# 'sorted': kept pairs sorted by expert, no padding (the fastest eager); 'static': fixed capacity buffers, no host sync
+# and no data-dependent shapes (what export, tracing and torch.compile always use in eval mode).
+EVAL_DISPATCHES = ('sorted', 'static')
 CapacityFactor = Union[float, str]
 
 
@@ -39,6 +42,9 @@ class MoeConfig:
         capacity_group: tokens that share capacity: 'image' (default; a sample's output never depends on its batch)
             or 'batch'.
         batch_prioritized: Batch Prioritized Routing: tokens with the highest routing probability claim slots first.
+        eval_dispatch: how eval mode dispatches: 'sorted' (default) or 'static' (fixed per-expert capacity buffers,
+            the same outputs; no aux losses or routing stats are computed). Exporting, tracing and torch.compile
+            always use 'static' in eval mode.
         aux_loss_scale: factor on the aux-loss gradient riding the layer's backward pass; set it to what the loop
             multiplies its task loss by (``1 / N`` for N accumulation steps, a GradScaler's scale), so the balance
             weight stays the configured one. ``set_aux_loss_scale`` on a model changes it between steps.
@@ -55,6 +61,7 @@ class MoeConfig:
     eval_capacity_factor: CapacityFactor = 2.0
     capacity_group: str = 'image'
     batch_prioritized: bool = False
+    eval_dispatch: str = 'sorted'
     aux_loss_scale: float = 1.0
     expert_parallel_size: int = 1
 
@@ -66,6 +73,8 @@ class MoeConfig:
         if self.capacity_group not in CAPACITY_GROUPS:
             raise ValueError(f'capacity_group must be one of {", ".join(CAPACITY_GROUPS)}, '
                              f'got {self.capacity_group!r}')
+        if self.eval_dispatch not in EVAL_DISPATCHES:
+            raise ValueError(f'eval_dispatch must be one of {", ".join(EVAL_DISPATCHES)}, got {self.eval_dispatch!r}')
         self.aux_loss_scale = float(self.aux_loss_scale)
         ep = self.expert_parallel_size
         if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:

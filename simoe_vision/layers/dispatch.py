@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ['expert_capacity', 'assign_slots']
+__all__ = ['expert_capacity', 'assign_slots', 'buffer_rows', 'row_sources']
 
 
 def expert_capacity(group_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -43,3 +43,35 @@ def assign_slots(
         positions = torch.empty_like(positions).scatter_(1, order, positions)
     keep = torch.ones_like(positions, dtype=torch.bool) if capacity is None else positions < capacity
     return positions, keep
+
+
+def buffer_rows(
+        indices: Tensor,
+        num_experts: int,
+        capacity: int,
+        priority: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Row of every (token, choice) in its expert's buffer of G * capacity rows, and whether it fits.
+
+    Group g's tokens take rows ``[g C, (g + 1) C)``, in :func:`assign_slots`'s order (so the same pairs are kept as by
+    the sorted dispatch). Rows of dropped pairs are meaningless: mask them with ``keep``. Returns ``(rows, keep)``,
+    both (G, T, k).
+    """
+    positions, keep = assign_slots(indices, num_experts, capacity, priority)
+    group = torch.arange(indices.shape[0], device=indices.device).view(-1, 1, 1)
+    return group * capacity + positions, keep
+
+
+def row_sources(experts: Tensor, rows: Tensor, keep: Tensor, num_experts: int, num_rows: int) -> Tensor:
+    """The inverse of :func:`buffer_rows`: (E, num_rows), for every buffer row the row of the tokens with a zero row
+    put first, ``[0; x]``, that fills it: ``1 + t`` for token t, 0 for an empty row. ``experts`` (the chosen experts),
+    ``rows`` and ``keep`` are (T, k); the buffers are then one gather, of static shape.
+
+    Each dropped pair writes to a spare column of its own, so no two writes share an index (scatter with duplicate
+    indices has no defined result, in ONNX either).
+    """
+    tokens, k = rows.shape
+    token = torch.arange(1, tokens + 1, device=rows.device).unsqueeze(1).expand(-1, k)
+    spare = num_rows + torch.arange(tokens * k, device=rows.device).view(tokens, k)
+    sources = rows.new_zeros(num_experts, num_rows + tokens * k)
+    return sources.index_put((experts, torch.where(keep, rows, spare)), token)[:, :num_rows]

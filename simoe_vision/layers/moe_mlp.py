@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Tuple, Type, Union
+from typing import Any, Dict, NoReturn, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..routers import RoutingOutput, TokenGraph, TokenLayout, create_router, expert_counts
+from ..tracing import is_capturing, is_exporting
 from .config import MoeConfig
-from .dispatch import assign_slots, expert_capacity
+from .dispatch import assign_slots, buffer_rows, expert_capacity, row_sources
 from .expert_parallel import build_experts
 
 __all__ = ['MoeMlp', 'attach_aux_loss']
@@ -98,7 +100,19 @@ class MoeMlp(nn.Module):
             graph: Union[TokenGraph, Tensor, None] = None,
             layout: TokenLayout | None = None,
     ) -> Tensor:
-        """x (B, N, d) -> (B, N, out). ``graph``/``layout`` go to the router (attention / windowed similarity)."""
+        """x (B, N, d) -> (B, N, out). ``graph``/``layout`` go to the router (attention / windowed similarity).
+
+        In eval mode with ``eval_dispatch='static'``, or whenever a graph is captured (export, ONNX, ``jit.trace``,
+        torch.compile), the static dispatch runs: the same outputs, no aux loss and no routing record
+        (:attr:`last_routing` and :meth:`aux_loss` are None).
+        """
+        if self.uses_static_dispatch():
+            self.last_routing = None
+            return self._dispatch_static(x, self.router(x, graph, layout, with_losses=False))
+        if is_exporting():
+            raise RuntimeError('a MoE layer in training mode cannot be exported or traced: its sorted dispatch has '
+                               'data-dependent shapes (a trace would freeze the per-expert token counts); call '
+                               'model.eval() first, which exports the static-shape dispatch')
         batch, tokens, _ = x.shape
         routing = self.router(x, graph, layout)
         out, stats = self._dispatch_combine(x.reshape(batch * tokens, -1), routing, batch)
@@ -107,6 +121,45 @@ class MoeMlp(nn.Module):
                                           routing.aux_loss.detach(), routing.stats)
         if self.training:  # an input gradient in eval mode (attacks, saliency) must see the task loss only
             out = attach_aux_loss(out, routing.aux_loss, self.moe.aux_loss_scale)
+        return out.reshape(batch, tokens, -1)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        """torch.jit.script calls this first: fail with what works instead of a TorchScript error deep inside."""
+        raise RuntimeError('torch.jit.script cannot compile MoE layers (dataclass routing outputs, token graphs); in '
+                           'eval mode use torch.export.export, ONNX (python export.py) or torch.jit.trace')
+
+    def uses_static_dispatch(self) -> bool:
+        """Whether forward takes :meth:`_dispatch_static`: in eval mode, when configured or while capturing a graph."""
+        return not self.training and (self.moe.eval_dispatch == 'static' or is_capturing())
+
+    def _dispatch_static(self, x: Tensor, routing: RoutingOutput) -> Tensor:
+        """x (B, N, d) -> (B, N, out) through fixed (E, G * C, d) capacity buffers and one batched matmul per layer.
+
+        Inference only. Every shape follows from x's and the config (capacity C from the eval factor, or C = the
+        tokens of a group when dropless), and tokens reach their slots by gathers, so nothing syncs with the host and
+        the graph exports. Slots are assigned as in the sorted dispatch, so the same pairs are kept (and the outputs
+        equal); the price is expert compute on empty slots (the buffers hold ``cf`` times the kept pairs, or E / k
+        times when dropless).
+        """
+        batch, tokens, dim = x.shape
+        k = self.top_k
+        per_image = self.moe.capacity_group == 'image'
+        groups, group_tokens = (batch, tokens) if per_image else (1, batch * tokens)
+        cf = self.moe.capacity(training=False)
+        if cf is not None and not per_image and torch.jit.is_tracing():
+            raise RuntimeError("torch.jit.trace would freeze the capacity of capacity_group='batch' (it follows the "
+                               'batch size) and give wrong outputs at other batch sizes; use torch.export or ONNX '
+                               "(python export.py), or capacity_group='image'")
+        capacity = group_tokens if cf is None else expert_capacity(group_tokens, self.num_experts, k, cf)
+        priority = (routing.probs.max(dim=-1).values.reshape(groups, group_tokens)
+                    if self.moe.batch_prioritized else None)
+        rows, keep = buffer_rows(routing.indices.reshape(groups, group_tokens, k), self.num_experts, capacity, priority)
+        rows, keep = rows.reshape(-1, k), keep.reshape(-1, k)
+        sources = row_sources(routing.indices, rows, keep, self.num_experts, groups * capacity)
+        # row 0 of the padded tokens / expert outputs is zeros: what empty slots and dropped pairs gather
+        expert_out = self.experts(F.pad(x.reshape(-1, dim), (0, 0, 1, 0))[sources])  # (E, G C, out)
+        picked = F.pad(expert_out, (0, 0, 1, 0))[routing.indices, torch.where(keep, rows + 1, 0)]  # (T, k, out)
+        out = (picked * routing.weights.unsqueeze(-1).to(picked.dtype)).sum(dim=1)
         return out.reshape(batch, tokens, -1)
 
     def _dispatch_combine(self, x: Tensor, routing: RoutingOutput, batch: int) -> Tuple[Tensor, Dict[str, Tensor]]:

@@ -46,6 +46,9 @@ class RoutingRecorder:
     def _hook(self, name: str):
         def hook(module: MoeMlp, args, output: Tensor) -> None:
             routing = module.last_routing
+            if routing is None:
+                raise RuntimeError(f"{name} kept no routing record: the static dispatch (eval_dispatch='static', or "
+                                   "a captured graph) computes no routing statistics; record with 'sorted'")
             batch, tokens = output.shape[:2]
             count = batch * tokens
             if self.keep_top1:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tracing import is_exporting
+
 __all__ = ['TokenGraph', 'TokenLayout', 'similarity_graph', 'DENSE_GRAPH_MAX_ENTRIES']
 
 # Up to this many graph entries (B' * H * N'^2: 32 MiB in fp32) fused propagation runs the explicit matmul instead:
@@ -94,14 +96,16 @@ class TokenGraph:
         """``A V`` for values (B, N, E) in the MLP's token order; returns the same shape, fp32.
 
         ``fused`` uses scaled_dot_product_attention on q/k (O(N E) memory) once the graph is large (more than
-        ``DENSE_GRAPH_MAX_ENTRIES`` entries B' H N'^2); smaller graphs, and dense ones, use an explicit matmul.
+        ``DENSE_GRAPH_MAX_ENTRIES`` entries B' H N'^2); smaller graphs, and dense ones, use an explicit matmul. So do
+        exported graphs: the size test would guard their symbolic batch size (and a trace would freeze it).
         """
         v = self.layout.to_groups(values.float())
         if v.shape[-2] != self.num_nodes:
             raise ValueError(
                 f'graph has {self.num_nodes} nodes per group but the tokens give groups of {v.shape[-2]}: '
                 'pass the graph of this block, in the layout its MLP sees')
-        small = self.probs is not None or self.q.shape[:-1].numel() * self.num_nodes <= DENSE_GRAPH_MAX_ENTRIES
+        small = (self.probs is not None or is_exporting()
+                 or self.q.shape[:-1].numel() * self.num_nodes <= DENSE_GRAPH_MAX_ENTRIES)
         if small or not fused:
             out = torch.bmm(self.dense(), v)
         else:

@@ -133,8 +133,14 @@ class Router(nn.Module):
             x: Tensor,
             graph: Union[TokenGraph, Tensor, None] = None,
             layout: TokenLayout | None = None,
+            *,
+            with_losses: bool = True,
     ) -> RoutingOutput:
-        """Route tokens x (B, N, d). ``graph``/``layout``: see :class:`AttentionRouter`/:class:`SimilarityRouter`."""
+        """Route tokens x (B, N, d). ``graph``/``layout``: see :class:`AttentionRouter`/:class:`SimilarityRouter`.
+
+        ``with_losses=False`` selects only: no aux losses and no stats (``aux_loss`` is zero, ``stats`` empty). For the
+        static inference dispatch, which has no use for them and must not run their data-dependent ops.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f'router input must be (B, N, {self.dim}); got shape {tuple(x.shape)}')
         layout = layout or TokenLayout()
@@ -144,11 +150,13 @@ class Router(nn.Module):
             x = x.float()
             logits = F.linear(x, self.gate.weight.float())
             probs = self.routing_probs(logits, x, graph, layout)
-            return self._select(logits.flatten(0, 1), probs.flatten(0, 1))
+            return self._select(logits.flatten(0, 1), probs.flatten(0, 1), with_losses)
 
-    def _select(self, logits: Tensor, probs: Tensor) -> RoutingOutput:
+    def _select(self, logits: Tensor, probs: Tensor, with_losses: bool = True) -> RoutingOutput:
         noise_std = self.noise_std if self.training else 0.0
         indices, weights, sel_probs, scores, noisy = select_top_k(probs, self.top_k, noise_std, self.renormalize)
+        if not with_losses:
+            return RoutingOutput(indices=indices, weights=weights, probs=sel_probs, aux_loss=logits.new_zeros(()))
         zero = logits.new_zeros(())
         losses = {'importance_loss': zero, 'load_loss': zero, 'switch_loss': zero, 'z_loss': zero}
         if self.balance_loss == 'vmoe':
