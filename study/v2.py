@@ -41,7 +41,8 @@ SETUP = ('Fashion-MNIST at native 28 px. V-MoE nano dims with 4 px patches (49 t
          'Swin-MoE nano as in the 16-token study (configs/study/swinmoe_base.yaml). 5000 training images held out '
          'for model selection (best epoch on validation; the test set only for the reported numbers). Everything '
          'equal across arms but the router settings. Evaluation: `evaluate.py` on a fixed seeded 1000-image subset '
-         'of the test set: corruptions at 5 severities, FGSM/PGD L-inf attacks, routing agreement and diagnostics. '
+         'of the test set: corruptions at 5 severities, FGSM/PGD L-inf attacks and the standard L-inf AutoAttack on the first 200 images, routing agreement and '
+         'diagnostics. '
          'Values are mean ± sample std over seeds; `n` is seeds done / planned. Fluctuation: share of probe tokens '
          'whose top-1 expert changed since the previous epoch, averaged over the epochs ending in 40–90 % and in '
          'the last 30 % of training.')
@@ -66,7 +67,8 @@ V2 = Study(
     smoke_arms=('v2_vmoe_softmax', 'v2_vmoe_attention'),
     results='results_v2',
     runs_dir='runs/study_v2',
-    eval_plan=EvalPlan(),
+    eval_plan=EvalPlan(autoattack_subset=200),
     commands_note='The Swin-MoE seed-0 summaries are the 16-token study\'s runs (docs/results/runs), copied: the '
-                  'same base config and evaluation.',
+                  'same base config and evaluation, except that they have no AutoAttack numbers (evaluated before '
+                  'it existed).',
 )

@@ -310,7 +310,7 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert 'unknown arm(s) nope' in capsys.readouterr().err
     assert main(['run', '--smoke', '--docs', str(tmp_path)]) == 2
     assert '--smoke writes to a temporary folder' in capsys.readouterr().err
-    assert list(STUDIES) == ['v1'] and STUDIES['v1'] is V1
+    assert list(STUDIES) == ['v1', 'v2'] and STUDIES['v1'] is V1
 
 
 @pytest.mark.slow
