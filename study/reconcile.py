@@ -110,13 +110,27 @@ def run(settings: Optional[Sequence[str]], routers: Optional[Sequence[str]], bud
     return done
 
 
+def snapshot() -> List[str]:
+    """Summarise every run with at least one finished epoch (finished or not); a later ``run`` still finishes it."""
+    SUMMARIES.mkdir(parents=True, exist_ok=True)
+    written = []
+    for setting, r in reconcile_runs():
+        folder = _folder(r)
+        if (folder / 'metrics.jsonl').is_file():
+            out = SUMMARIES / f'{r.arm.name}.json'
+            out.write_text(json.dumps(summarize(folder, setting, r.arm.router), indent=1) + '\n')
+            written.append(r.arm.name)
+    return written
+
+
 def _fmt(values: Sequence[Optional[float]], digits: int = 2, start: int = 1) -> str:
     return ' / '.join('–' if v is None else f'{v:.{digits}f}' for v in values[start:])
 
 
 def table(summaries: Mapping[str, Dict[str, Any]]) -> str:
     """Markdown: per setting and router, fluctuation after epochs 2..E, final-epoch entropies, test top-1."""
-    lines = ['| setting (switched back) | router | fluctuation after epoch 2, 3, ... | H(P) | H(G) | margin | flip | test top-1 |',
+    lines = ['| setting (switched back) | router | fluctuation after epoch 2, 3, ... | H(P) | H(G) | margin | flip |'
+             ' test top-1 (%) |',
              '|---|---|---|---|---|---|---|---|']
     for name, what, _, routers in SETTINGS:
         for router in ROUTERS:
@@ -127,7 +141,8 @@ def table(summaries: Mapping[str, Dict[str, Any]]) -> str:
                 continue
             last = {k: s[k][-1] for k in ('entropy', 'gate_entropy', 'margin', 'flip')}
             cells = ['–' if v is None else f'{v:.2f}' for v in last.values()]
-            top1 = '–' if s['test_top1'] is None else f'{s["test_top1"]:.1f}'
+            top1 = (f'{s["test_top1"]:.1f}' if s['test_top1'] is not None else
+                    f'(val {s["val_top1"][-1]:.1f} after epoch {s["epochs"][-1]}; running)' if s['epochs'] else '–')
             lines.append(f'| {name}: {what} | {router} | {_fmt(s["fluctuation"])} | ' + ' | '.join(cells)
                          + f' | {top1} |')
     return '\n'.join(lines)
@@ -139,7 +154,7 @@ def load() -> Dict[str, Dict[str, Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog='python -m study.reconcile', description=__doc__.splitlines()[0])
-    p.add_argument('command', choices=('run', 'table'))
+    p.add_argument('command', choices=('run', 'table', 'snapshot'))
     p.add_argument('--settings', type=lambda v: [x for x in v.split(',') if x], default=None)
     p.add_argument('--routers', type=lambda v: [x for x in v.split(',') if x], default=None)
     p.add_argument('--budget-minutes', type=float, default=None, help='start no run after this many minutes')
@@ -148,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == 'run':
         run(args.settings, args.routers, None if args.budget_minutes is None else args.budget_minutes * 60,
             args.stop_after)
+    elif args.command == 'snapshot':
+        print(f'summarised {", ".join(snapshot()) or "nothing yet"}')
     print(table(load()))
     return 0
 
