@@ -123,7 +123,7 @@ def snapshot() -> List[str]:
     return written
 
 
-def _fmt(values: Sequence[Optional[float]], digits: int = 2, start: int = 1) -> str:
+def _fmt(values: Sequence[Optional[float]], digits: int = 3, start: int = 1) -> str:
     return ' / '.join('–' if v is None else f'{v:.{digits}f}' for v in values[start:])
 
 

@@ -355,6 +355,6 @@ def test_reconcile_runs_table_and_summary(tmp_path):
     summary = reconcile.summarize(tmp_path, 'reference', 'softmax')
     assert summary['test_top1'] is None and summary['fluctuation'] == [None, 0.3, 0.25]
     table = reconcile.table({'reference_softmax': summary})
-    assert ('| reference: the reference setting | softmax | 0.30 / 0.25 | 1.50 | 1.60 | 0.20 | 0.10 | '
+    assert ('| reference: the reference setting | softmax | 0.300 / 0.250 | 1.50 | 1.60 | 0.20 | 0.10 | '
             '(val 80.0 after epoch 3; running) |') in table
     assert '| reference: the reference setting | attention | not run |' in table
