@@ -44,11 +44,19 @@ def headline_metrics(study: Study, summaries: Sequence[Summary]) -> Dict[str, Me
     eps = sorted(planned | {e for s in summaries for e in s['adversarial'].get('pgd', {})}, key=float)
     for e in eps:
         out[f'pgd_{e}'] = (f'PGD {e}/255 top-1 (%)', lambda s, e=e: s['adversarial'].get('pgd', {}).get(e))
+    if study.eval_plan.autoattack_subset or any('autoattack' in s['adversarial'] for s in summaries):
+        for e in eps:
+            out[f'aa_{e}'] = (f'AutoAttack {e}/255 top-1 (%)',
+                              lambda s, e=e: s['adversarial'].get('autoattack', {}).get(e))
     for name in FLUCTUATION_WINDOWS:
         out[f'fluct_{name}'] = (f'fluctuation {name}', lambda s, n=name: s['fluctuation']['windows'][n].get('mean'))
     out['agree'] = (f'agreement s{AGREEMENT_SEVERITY}',
                     lambda s: s['routing']['agreement'].get(AGREEMENT_SEVERITY, {}).get('mean'))
     out['load_cv'] = ('expert-load CV', lambda s: s['routing']['load_cv_mean'])
+    if any('diagnostics' in s['routing'] for s in summaries):  # studies evaluated since the routing diagnostics
+        for key, title in (('entropy', 'H(P)'), ('gate_entropy', 'H(G)'), ('margin', 'P margin'),
+                           ('flip', 'flip P vs G')):
+            out[f'diag_{key}'] = (title, lambda s, k=key: s['routing'].get('diagnostics', {}).get(k))
     out['epoch_s'] = ('s / epoch', lambda s: s['timing']['epoch_s'])
     return out
 

@@ -85,12 +85,16 @@ class EvalPlan:
     eps: Tuple[float, ...] = (1.0, 4.0)
     pgd_steps: int = 10
     adv_subset: Optional[int] = None
+    autoattack_subset: Optional[int] = None  # also run AutoAttack (standard, L-inf) on this many images
 
     def flags(self) -> List[str]:
         flags = ['--suite', 'clean,c,adv,routing', '--eval-subset', str(self.eval_subset),
                  '--corruptions', ','.join(self.corruptions), '--eps', ','.join(f'{e:g}' for e in self.eps),
                  '--pgd-steps', str(self.pgd_steps)]
-        return flags + (['--adv-subset', str(self.adv_subset)] if self.adv_subset else [])
+        flags += ['--adv-subset', str(self.adv_subset)] if self.adv_subset else []
+        if self.autoattack_subset:
+            flags += ['--attacks', 'fgsm,pgd,autoattack', '--autoattack-subset', str(self.autoattack_subset)]
+        return flags
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def _conclusions(study: Study, summaries: Sequence[Summary]) -> List[str]:
     """Paired per-seed differences of every main arm against its family's reference, stated mechanically."""
     metrics = headline_metrics(study, summaries)
     keys = ['test_top1', 'corr_acc', 'rel_mce', *(k for k in metrics if k.startswith('fluct_')), 'agree',
-            *(k for k in metrics if k.startswith('pgd_'))]
+            *(k for k in metrics if k.startswith(('pgd_', 'aa_', 'diag_entropy')))]
     lines = []
     for family in study.families:
         reference = study.arm(family.reference)
@@ -94,7 +94,7 @@ def _conclusions(study: Study, summaries: Sequence[Summary]) -> List[str]:
                 deltas = paired_deltas(summaries, arm.name, reference.name, metric)
                 if not deltas:
                     continue
-                unit = ' pp' if key in ('test_top1', 'corr_acc') or key.startswith('pgd_') else ''
+                unit = ' pp' if key in ('test_top1', 'corr_acc') or key.startswith(('pgd_', 'aa_')) else ''
                 lines.append(f'- {family.name} {arm.label} − {reference.label}, {title}: '
                              f'{format_mean_std(deltas, DIGITS.get(key, 2), sign=True)}{unit} over {len(deltas)} '
                              'seed(s)')

@@ -15,6 +15,7 @@ import yaml
 from simoe_vision.evaluation.plots import per_severity
 from simoe_vision.evaluation.report import mean_of
 from simoe_vision.metrics import window_mean
+from simoe_vision.routers.diagnostics import DIAGNOSTICS
 
 from .design import Study, StudyError
 
@@ -84,6 +85,8 @@ def summarize_run(run_dir: Path, eval_results: Path, arm: str, seed: int, comman
     for a in result.get('adversarial', []):
         adversarial.setdefault(a['attack'], {})[f'{a["eps"]:g}'] = a['adv_top1']
     load_cv = {layer: v['load_cv'] for layer, v in result['routing']['layers'].items()}
+    diagnostics = {key: mean_of(v.get(key) for v in result['routing']['layers'].values())
+                   for key in DIAGNOSTICS}
     epoch_times = [r['epoch_time'] for r in rows]
     train_s = float(train.get('train_time_s', sum(epoch_times)))
     return {
@@ -99,7 +102,8 @@ def summarize_run(run_dir: Path, eval_results: Path, arm: str, seed: int, comman
         'adversarial': adversarial,
         'fluctuation': {'epochs': curve_epochs, 'curves': curves, 'windows': windows},
         'routing': {'agreement': {str(s): {layer: agree[layer][s] for layer in layers} for s in severities},
-                    'load_cv': load_cv, 'load_cv_mean': mean_of(load_cv.values())},
+                    'load_cv': load_cv, 'load_cv_mean': mean_of(load_cv.values()),
+                    **({'diagnostics': diagnostics} if any(v is not None for v in diagnostics.values()) else {})},
         'timing': {'epoch_s': mean_of(epoch_times), 'train_s': train_s, 'eval_s': eval_s,
                    'wall_s': train_s + (eval_s or 0.0)},
         'hardware': hardware or describe_hardware(), 'commands': list(commands),

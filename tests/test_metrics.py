@@ -6,6 +6,7 @@ import timm
 import torch
 
 import simoe_vision  # noqa: F401
+from simoe_vision.engine.runner import epoch_row
 from simoe_vision.metrics import (
     FluctuationTracker,
     RoutingRecorder,
@@ -17,6 +18,7 @@ from simoe_vision.metrics import (
     routing_entropy,
     window_mean,
 )
+from simoe_vision.routers.diagnostics import DIAGNOSTICS, routing_diagnostics, top1_flip_share, top1_margin
 
 # 4 probe tokens over 4 epochs. Changes: epoch 0->1 tokens 1, 3 (2/4); 1->2 token 3 (1/4); 2->3 none (0/4).
 HISTORY = torch.tensor([[0, 1, 2, 3],
@@ -100,3 +102,34 @@ def test_recorder_collects_with_hooks_and_removes_them():
     assert all(not layer._forward_hooks for layer in rec.layers.values())
     with pytest.raises(ValueError, match='has no MoE layers'):
         RoutingRecorder(torch.nn.Linear(2, 2))
+
+
+def test_routing_diagnostics_hand_worked():
+    """Token 0: G = (1/2, 1/2, 0), P = (0.7, 0.2, 0.1); token 1: G = (0, 1, 0), P = (0.5, 0.5, 0) (ties: first)."""
+    gates = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    d = routing_diagnostics(gates, probs)
+    h_p0 = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    assert d['gate_entropy'].item() == pytest.approx((math.log(2) + 0.0) / 2)
+    assert d['entropy'].item() == pytest.approx((h_p0 + math.log(2)) / 2)
+    assert d['margin'].item() == pytest.approx((0.5 + 0.0) / 2)
+    # top-1: G -> (0, 1), P -> (0, 0): token 1 flips
+    assert d['flip'].item() == pytest.approx(0.5)
+    assert top1_margin(torch.tensor([[0.1, 0.6, 0.3]])).item() == pytest.approx(0.3)
+    assert top1_flip_share(gates, gates).item() == 0.0
+    assert routing_diagnostics(torch.ones(2, 1), torch.ones(2, 1))['margin'].item() == 1.0
+
+
+def test_recorder_and_epoch_row_carry_the_diagnostics():
+    model = timm.create_model('vmoe_test', router='attention', num_classes=3).eval()
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    layer = rec.summary()['blocks.1.mlp']
+    stats = model.blocks[1].mlp.last_routing.stats
+    for key in DIAGNOSTICS:
+        assert layer[key] == pytest.approx(stats[key].item(), rel=1e-6)
+    train = {'routing': rec.totals(), 'train_loss': 1.0, 'aux_loss': 0.0, 'lr': 1e-3, 'images': 2, 'skipped': 0}
+    val = {'top1': 50.0, 'top5': 100.0, 'loss': 1.0, 'images': 2, 'skipped': 0}
+    row = epoch_row(1, train, val, {}, 1.0)
+    for key in DIAGNOSTICS:
+        assert row[key] == pytest.approx(layer[key]) and row[f'{key}.blocks.1.mlp'] == layer[key]

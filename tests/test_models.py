@@ -189,3 +189,18 @@ def test_moe_layouts():
 def test_model_kwarg_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         timm.create_model('vmoe_test', **kwargs)
+
+
+@pytest.mark.parametrize('name', ['vmoe_test', 'swin_moe_test'])
+def test_expert_init_fan_in(name):
+    """expert_init='fan_in' draws the expert weights N(0, 1/fan_in); the default keeps timm's std 0.02."""
+    torch.manual_seed(0)
+    fan_in = timm.create_model(name, expert_init='fan_in', num_experts=8, num_classes=3)
+    default = timm.create_model(name, num_experts=8, num_classes=3)
+    for model, scale in ((fan_in, None), (default, 0.02)):
+        for _, mlp in model.moe_layers():
+            for w in (mlp.experts.fc1_weight, mlp.experts.fc2_weight):
+                expected = w.shape[1] ** -0.5 if scale is None else scale
+                assert float(w.std()) == pytest.approx(expected, rel=0.15)
+    with pytest.raises(ValueError, match='expert_init'):
+        timm.create_model(name, expert_init='xavier')

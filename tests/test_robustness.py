@@ -461,3 +461,23 @@ def test_pixel_space_model_round_trip_and_channel_errors():
     with pytest.raises(ValueError, match="unknown attack 'cw'"):
         adversarial_accuracy(nn.Identity(), [], MEAN, STD, attack='cw')
     assert math.isclose(float(PixelSpaceModel(nn.Identity(), 0.5, 0.25)(torch.ones(1, 1, 1, 1))), 2.0)
+
+
+class _MeanThreshold(torch.nn.Module):
+    """Ten classes (AutoAttack's DLR loss needs >= 4): class 0 when the image mean is above 0.5 (logit 20 * mean
+    against 10 for class 1 and less for the others)."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        rest = 10.0 - 0.1 * torch.arange(9, dtype=x.dtype)
+        return torch.cat([20 * m[:, None], rest.expand(len(m), 9)], dim=-1)
+
+
+def test_autoattack_flips_exactly_the_images_within_eps():
+    """Means 0.55 and 0.9, both class 0; eps 16/255 = 0.063 lowers a mean by at most that: only the first flips."""
+    images = torch.stack([torch.full((1, 2, 2), 0.55), torch.full((1, 2, 2), 0.9)])
+    loader = [(images, torch.zeros(2, dtype=torch.long))]
+    result = adversarial_accuracy(_MeanThreshold(), loader, 0.0, 1.0, attack='autoattack', eps=16.0)
+    assert result['clean_top1'] == 100.0 and result['adv_top1'] == 50.0 and result['attack'] == 'autoattack'
+    capped = adversarial_accuracy(_MeanThreshold(), loader, 0.0, 1.0, attack='autoattack', eps=16.0, max_samples=1)
+    assert capped['num_samples'] == 1 and capped['adv_top1'] == 0.0

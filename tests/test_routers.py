@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from simoe_vision.routers import ROUTERS, TokenGraph, TokenLayout, create_router, similarity_graph
+from simoe_vision.routers.losses import importance_loss, load_loss
 
 B, N, D, E = 2, 7, 16, 4
 
@@ -233,3 +234,134 @@ def test_similarity_dot_and_cosine_differ_and_are_row_stochastic():
 def test_errors_name_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# Noise placement (issue 17): 'gate' noise goes on each token's gate log-probs before the graph.
+
+def _routed_with_seed(router, x, graph, seed=5):
+    torch.manual_seed(seed)
+    return route(router, x, graph)
+
+
+@pytest.mark.parametrize('loss_probs', ['selection', 'clean'])
+def test_gate_noise_is_routing_noise_for_the_softmax_router(loss_probs):
+    routing = create_router('softmax', D, E, loss_probs=loss_probs).train()
+    gate = create_router('softmax', D, E, noise='gate', loss_probs=loss_probs).train()
+    gate.load_state_dict(routing.state_dict())
+    x = torch.randn(B, N, D)
+    a, b = _routed_with_seed(routing, x, None), _routed_with_seed(gate, x, None)
+    _assert_same_routing(a, b)
+    for key in ('importance_loss', 'load_loss'):
+        assert torch.equal(a.stats[key], b.stats[key])
+
+
+@pytest.mark.parametrize('name', ['similarity', 'attention'])
+@pytest.mark.parametrize('mix', ['probs', 'logits'])
+def test_noise_placement_is_moot_without_noise(name, mix):
+    routing = create_router(name, D, E, noise_std=0.0, mix=mix).train()
+    gate = create_router(name, D, E, noise_std=0.0, mix=mix, noise='gate').train()
+    gate.load_state_dict(routing.state_dict())
+    x, graph = torch.randn(B, N, D), random_graph()
+    _assert_same_routing(route(routing, x, graph), route(gate, x, graph))
+    # and in eval, whatever noise_std: no noise is applied there
+    noisy_routing = create_router(name, D, E, mix=mix).eval()
+    noisy_gate = create_router(name, D, E, mix=mix, noise='gate').eval()
+    noisy_gate.load_state_dict(noisy_routing.state_dict())
+    _assert_same_routing(route(noisy_routing, x, graph), route(noisy_gate, x, graph))
+
+
+@pytest.mark.parametrize('mix', ['probs', 'logits'])
+def test_gate_noise_mixes_the_noisy_gates(mix):
+    """P is the graph applied to the noisy gates; the load loss sees log G and log G + noise, std noise_std."""
+    router = create_router('attention', D, E, noise='gate', mix=mix, loss_probs='clean').train()
+    x, graph = torch.randn(B, N, D), random_graph()
+    out = _routed_with_seed(router, x, graph)
+    torch.manual_seed(5)
+    logits = torch.nn.functional.linear(x, router.gate.weight)
+    clean = logits.log_softmax(-1)
+    noisy = clean + router.noise_std * torch.randn(B, N, E)
+    a = graph.mean(dim=1)
+    expected = a @ noisy.softmax(-1) if mix == 'probs' else (a @ noisy).softmax(-1)
+    torch.testing.assert_close(out.probs, expected.flatten(0, 1))
+    clean_p = a @ clean.softmax(-1) if mix == 'probs' else (a @ clean).softmax(-1)
+    torch.testing.assert_close(out.stats['importance_loss'], importance_loss(clean_p.flatten(0, 1)))
+    torch.testing.assert_close(out.stats['load_loss'],
+                               load_loss(clean.flatten(0, 1), noisy.flatten(0, 1), router.noise_std, 2))
+
+
+def test_gate_noise_load_loss_hand_worked():
+    """Two tokens, two experts, top-1, noise std 1/E = 0.5. Gates h = (0, 0) and (ln 3, 0): log G = (-ln 2, -ln 2)
+    and (ln 3/4, ln 1/4). Noise draws (0.5, -0.5) and (0, 0): noisy log G = (-ln 2 + .5, -ln 2 - .5) and unchanged.
+    Thresholds (top-1 noisy): -ln 2 + .5 and ln 3/4. P(selected) = 1 - Phi((threshold - clean) / 0.5):
+    token 0 -> (1 - Phi(1), 1 - Phi(1)); token 1 -> (1 - Phi(0), 1 - Phi(ln 3 / 0.5))."""
+    clean = torch.tensor([[-math.log(2), -math.log(2)], [math.log(0.75), math.log(0.25)]])
+    noisy = clean + torch.tensor([[0.5, -0.5], [0.0, 0.0]])
+    p = [((1 - _phi(1.0)) + (1 - _phi(0.0))) / 2, ((1 - _phi(1.0)) + (1 - _phi(math.log(3) / 0.5))) / 2]
+    mean = sum(p) / 2
+    expected = ((p[0] - mean) ** 2 + (p[1] - mean) ** 2) / 2 / mean ** 2
+    assert load_loss(clean, noisy, 0.5, 1).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _phi(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def test_clean_losses_use_clean_probs_and_drop_the_load_term_in_eval():
+    router = create_router('similarity', D, E, loss_probs='clean').train()
+    legacy = create_router('similarity', D, E).train()
+    legacy.load_state_dict(router.state_dict())
+    x = torch.randn(B, N, D)
+    out, old = _routed_with_seed(router, x, None), _routed_with_seed(legacy, x, None)
+    quiet = create_router('similarity', D, E, noise_std=0.0).train()
+    quiet.load_state_dict(router.state_dict())
+    clean_p = route(quiet, x).probs
+    torch.testing.assert_close(out.stats['importance_loss'], importance_loss(clean_p))
+    torch.testing.assert_close(old.stats['importance_loss'], importance_loss(old.probs))
+    assert torch.equal(out.stats['load_loss'], old.stats['load_loss'])  # same noise, same load term in training
+    router.eval()
+    legacy.eval()
+    assert route(router, x).stats['load_loss'].item() == 0.0
+    assert route(legacy, x).stats['load_loss'].item() > 0.0  # the original numbers keep it
+
+
+def test_importance_only_balance_loss():
+    router = create_router('softmax', D, E, balance_loss='importance', balance_weight=0.01).train()
+    out = route(router, torch.randn(B, N, D))
+    assert out.stats['load_loss'].item() == 0.0
+    torch.testing.assert_close(out.aux_loss, 0.01 * out.stats['importance_loss'])
+
+
+def test_router_reports_the_routing_diagnostics():
+    router = create_router('attention', D, E).eval()
+    x, graph = torch.randn(B, N, D), random_graph()
+    out = route(router, x, graph)
+    gates = torch.nn.functional.linear(x, router.gate.weight).softmax(-1).flatten(0, 1)
+    torch.testing.assert_close(out.stats['gate_entropy'], -(gates * gates.log()).sum(-1).mean())
+    torch.testing.assert_close(out.stats['entropy'], -(out.probs * out.probs.log()).sum(-1).mean())
+    flip = (gates.argmax(-1) != out.probs.argmax(-1)).float().mean()
+    torch.testing.assert_close(out.stats['flip'], flip)
+
+
+def test_graph_temperature_sharpens_the_attention_graph():
+    q, k = torch.randn(B, 3, N, 8), torch.randn(B, 3, N, 8)
+    bias = torch.randn(1, 3, N, N)
+    g = TokenGraph(q=q, k=k, scale=0.5, bias=bias)
+    logits = torch.einsum('bhnd,bhmd->bhnm', q, k) * 0.5 + bias
+    torch.testing.assert_close(g.with_temperature(0.25).dense(), (logits / 0.25).softmax(-1).mean(1))
+    dense = TokenGraph(probs=logits.softmax(-1))
+    torch.testing.assert_close(dense.with_temperature(0.25).dense(), (logits / 0.25).softmax(-1).mean(1))
+    assert g.with_temperature(1.0) is g
+    sharp = create_router('attention', D, E, graph_temperature=0.5).eval()
+    plain = create_router('attention', D, E).eval()
+    sharp.gate.weight.data.copy_(plain.gate.weight)
+    x = torch.randn(B, N, D)
+    torch.testing.assert_close(route(sharp, x, g).probs, route(plain, x, g.with_temperature(0.5)).probs)
+    with pytest.raises(ValueError, match='graph_temperature'):
+        create_router('attention', D, E, graph_temperature=0.0)
+
+
+@pytest.mark.parametrize('kwargs, message', [({'noise': 'after'}, 'noise placement'),
+                                             ({'loss_probs': 'noisy'}, 'loss_probs')])
+def test_new_settings_refuse_unknown_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_router('softmax', D, E, **kwargs)

@@ -310,7 +310,7 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert 'unknown arm(s) nope' in capsys.readouterr().err
     assert main(['run', '--smoke', '--docs', str(tmp_path)]) == 2
     assert '--smoke writes to a temporary folder' in capsys.readouterr().err
-    assert list(STUDIES) == ['v1'] and STUDIES['v1'] is V1
+    assert list(STUDIES) == ['v1', 'v2'] and STUDIES['v1'] is V1
 
 
 @pytest.mark.slow
@@ -323,3 +323,38 @@ def test_smoke_end_to_end(tmp_path, monkeypatch, capsys):
     assert [s['run'] for s in summaries] == ['vmoe_similarity_s0', 'vmoe_softmax_s0']
     assert summaries[0]['corruption']['relative_mce'] > 0 and summaries[0]['eval']['images'] == 32
     assert 'vmoe similarity − softmax, test top-1' in (root / 'docs' / 'results.md').read_text()
+
+
+def test_v2_arms_resolve_and_differ_only_in_router_settings():
+    from study.v2 import NOISE, OTHER_NOISE, V2
+    assert STUDIES['v2'] is V2
+    configs = {a.name: arm_config(a) for a in V2.arms}  # train.py's own validation
+    base = configs['v2_vmoe_softmax']
+    assert base['model_kwargs']['capacity_factor'] == 'dropless' and base['epochs'] >= 8
+    assert base['train_subset'] == 20000 and base['model_kwargs']['patch_size'] == 4 and base['img_size'] == 28
+    for arm in V2.arms:
+        if arm.family.name == 'vmoe49':
+            c = configs[arm.name]
+            assert {k: v for k, v in c.items() if k not in ('router', 'router_kwargs')} == \
+                {k: v for k, v in base.items() if k not in ('router', 'router_kwargs')}
+            if arm.router != 'softmax':
+                assert c['router_kwargs']['noise'] in (NOISE, OTHER_NOISE)
+    assert {a.seeds for a in V2.arms if a.baseline is None} == {(0, 1, 2)}
+
+
+def test_reconcile_runs_table_and_summary(tmp_path):
+    from study import reconcile
+    names = [r.arm.name for _, r in reconcile.reconcile_runs()]
+    assert names[:2] == ['reference_softmax', 'reference_attention'] and 'noise_softmax' not in names
+    assert [r.arm.name for _, r in reconcile.reconcile_runs(['init'], ['attention'])] == ['init_attention']
+    for _, r in reconcile.reconcile_runs():
+        arm_config(r.arm)  # every setting is a valid train.py configuration
+    rows = [{'epoch': e, 'fluctuation': f, 'entropy': 1.5, 'gate_entropy': 1.6, 'margin': 0.2, 'flip': 0.1,
+             'val_top1': 80.0, 'epoch_time': 9.0} for e, f in ((1, None), (2, 0.3), (3, 0.25))]
+    (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    summary = reconcile.summarize(tmp_path, 'reference', 'softmax')
+    assert summary['test_top1'] is None and summary['fluctuation'] == [None, 0.3, 0.25]
+    table = reconcile.table({'reference_softmax': summary})
+    assert ('| reference: the reference setting | softmax | 0.300 / 0.250 | 1.50 | 1.60 | 0.20 | 0.10 | '
+            '(val 80.0 after epoch 3; running) |') in table
+    assert '| reference: the reference setting | attention | not run |' in table

@@ -29,6 +29,7 @@ from ..data import ClassFoldersMismatchError, CorruptImageError, DatasetNotFound
 from ..layers import exclude_from_ddp, gather_optimizer_state, gather_state_dict, shard_optimizer_state
 from ..metrics import FluctuationTracker, RoutingRecorder
 from ..models import count_params
+from ..routers.diagnostics import DIAGNOSTICS
 from .checkpoint import (
     BEST,
     INTERRUPTED,
@@ -113,6 +114,12 @@ def _reseed(config: Dict[str, Any], epoch: int, env: DistEnv, data: RunData) -> 
         data.train.sampler.set_epoch(epoch)
 
 
+def _layer_mean(routing: Dict[str, Dict[str, Any]], key: str) -> Optional[float]:
+    """Mean of a per-layer routing value over the MoE layers that report it; None when none does."""
+    values = [routing[n][key] for n in routing if routing[n].get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
 def epoch_row(epoch: int, train: Dict[str, Any], val: Dict[str, float], fluctuation: Dict[str, float],
               epoch_time: float) -> Dict[str, Any]:
     """One flat metrics row: means over MoE layers plus per-layer columns ``load_cv.LAYER`` etc."""
@@ -124,14 +131,15 @@ def epoch_row(epoch: int, train: Dict[str, Any], val: Dict[str, float], fluctuat
         'lr': train['lr'],
         'load_cv': float(np.mean([routing[n]['load_cv'] for n in layers])) if layers else None,
         'dropped': float(np.mean([routing[n]['dropped_fraction'] for n in layers])) if layers else None,
-        'entropy': float(np.mean([routing[n]['entropy'] for n in layers])) if layers else None,
+        **{key: _layer_mean(routing, key) for key in DIAGNOSTICS},
         'fluctuation': fluctuation.get('mean'),
         'epoch_time': epoch_time, 'train_images': train['images'], 'skipped_images': train['skipped'] + val['skipped'],
     }
     for name in layers:
         row[f'load_cv.{name}'] = routing[name]['load_cv']
         row[f'dropped.{name}'] = routing[name]['dropped_fraction']
-        row[f'entropy.{name}'] = routing[name]['entropy']
+        for key in DIAGNOSTICS:
+            row[f'{key}.{name}'] = routing[name].get(key)
         row[f'fluctuation.{name}'] = fluctuation.get(name)
     return row
 

@@ -129,13 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--reference', default=None, metavar='RESULTS_JSON',
                    help='an earlier results.json (its softmax-router model): report CE relative to it')
     g = p.add_argument_group('adversarial')
-    g.add_argument('--attacks', type=_csv, default=list(ATTACKS), help='fgsm,pgd (default both)')
+    g.add_argument('--attacks', type=_csv, default=['fgsm', 'pgd'],
+                   help=f'from {",".join(ATTACKS)} (default fgsm,pgd; autoattack: standard L-inf AutoAttack)')
     g.add_argument('--eps', type=_numbers, default=[1.0, 4.0], help='L-inf radii in 1/255 units (default 1,4)')
     g.add_argument('--pgd-steps', type=int, default=10, help='PGD iterations (default 10)')
     g.add_argument('--pgd-step-size', type=float, default=None,
                    help='PGD step in 1/255 units (default 2.5 * eps / steps)')
     g.add_argument('--adv-subset', type=int, default=None, metavar='N',
                    help='attack only the first N images of the (sub)set (attacks cost ~steps forward+backward)')
+    g.add_argument('--autoattack-subset', type=int, default=None, metavar='N',
+                   help='AutoAttack only the first N of the attacked images (it costs thousands of passes per image)')
     g = p.add_argument_group('routing')
     g.add_argument('--num-maps', type=int, default=4, help='sample images in the expert maps (0: none)')
     g.add_argument('--map-corruption', default=None, help='corruption shown in the expert maps (default: the first)')
@@ -170,7 +173,7 @@ def _check_args(args: argparse.Namespace) -> None:
     bad_attacks = [a for a in args.attacks if a not in ATTACKS]
     if bad_attacks:
         problems.append(f'unknown attack(s) {", ".join(bad_attacks)}; choose from {", ".join(ATTACKS)}')
-    for flag in ('eval_subset', 'adv_subset', 'batch_size'):
+    for flag in ('eval_subset', 'adv_subset', 'autoattack_subset', 'batch_size'):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             problems.append(f'--{flag.replace("_", "-")} must be positive, got {value}')
@@ -275,7 +278,7 @@ def evaluate_checkpoint(m: LoadedModel, args: argparse.Namespace, settings: Eval
         console.print(f'[bold]{m.label}[/bold]: adversarial ({", ".join(args.attacks)}; eps '
                       f'{", ".join(f"{e:g}" for e in args.eps)}/255; {len(attacked)} images)')
         out['adversarial'] = run_adversarial(net, attacked, m.data_config, args.attacks, args.eps, args.pgd_steps,
-                                             args.pgd_step_size, settings)
+                                             args.pgd_step_size, settings, args.autoattack_subset)
         done()
     if recorder is not None and args.num_maps > 0:
         corruption, severity = _map_cell(args)

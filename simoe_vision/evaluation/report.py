@@ -210,11 +210,14 @@ def markdown_report(meta: Dict[str, Any], results: Results, figures: Dict[str, s
         out += ['## Routing agreement (clean vs corrupted, top-1 expert, mean over corruptions)', '']
         out += markdown_table(['model', 'layer'] + [f's{s}' for s in severities], agree) + ['']
     load = [[k, layer, _f(v['load_cv'], 3), _f(100 * v['dropped_fraction']), _f(v['entropy'], 3),
+             _f(v.get('gate_entropy'), 3), _f(v.get('margin'), 3), _f(v.get('flip'), 3),
              ' '.join(f'{x:.2f}' for x in v['load'])]
             for k, r in results.items() for layer, v in r.get('routing', {}).get('layers', {}).items()]
     if load:
-        out += ['## Expert load (clean images)', '']
-        out += markdown_table(['model', 'layer', 'load CV', 'dropped (%)', 'entropy (nats)',
+        out += ['## Expert load and routing diagnostics (clean images)', '',
+                'H(P), H(G): mean entropy (nats) of the routing distribution and of the token\'s own gate; margin: '
+                'p1 - p2 of P; flip: share of tokens whose top-1 expert under P differs from under G.', '']
+        out += markdown_table(['model', 'layer', 'load CV', 'dropped (%)', 'H(P)', 'H(G)', 'margin', 'flip',
                                'token share per expert'], load) + ['']
     if figures:
         out += ['## Figures', ''] + [f'![{name}]({path})' for name, path in figures.items()] + ['']

@@ -206,14 +206,16 @@ def run_imagenet_ar(model: nn.Module, root: str, variant: str, data_config: Dict
 
 def run_adversarial(model: nn.Module, dataset: Dataset, data_config: Dict[str, Any], attacks: Sequence[str],
                     eps_list: Sequence[float], steps: int, step_size: Optional[float],
-                    settings: EvalSettings) -> list[Dict[str, Any]]:
-    """Top-1 under each attack and eps (1/255 units) on the clean set; the random start is seeded."""
+                    settings: EvalSettings, autoattack_subset: Optional[int] = None) -> list[Dict[str, Any]]:
+    """Top-1 under each attack and eps (1/255 units) on the clean set; the random start is seeded. AutoAttack
+    (its own step counts: ``steps`` None in the result) attacks only the first ``autoattack_subset`` images."""
     out = []
     for attack in attacks:
         for eps in eps_list:
             result = adversarial_accuracy(model, _pairs(_loader(dataset, settings)), data_config['mean'],
                                           data_config['std'], attack=attack, eps=eps, alpha=step_size, steps=steps,
-                                          device=settings.device, seed=settings.seed)
-            out.append({**result, 'steps': steps if attack == 'pgd' else 1})
+                                          device=settings.device, seed=settings.seed,
+                                          max_samples=autoattack_subset if attack == 'autoattack' else None)
+            out.append({**result, 'steps': {'pgd': steps, 'fgsm': 1}.get(attack)})
     return out
 

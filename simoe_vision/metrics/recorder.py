@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..layers import MoeMlp
+from ..routers.diagnostics import DIAGNOSTICS
 from .routing import load_cv
 
 __all__ = ['RoutingRecorder']
@@ -17,7 +18,9 @@ class RoutingRecorder:
     """Collects, per MoE layer, each image's top-1 expert per token and running routing statistics.
 
     ``with RoutingRecorder(model) as rec: model(x)`` then ``rec.top1()`` -> {layer: (images, tokens) int16} and
-    ``rec.summary()`` -> {layer: {load, load_cv, dropped_fraction, entropy}}. The model's ``forward`` is untouched.
+    ``rec.summary()`` -> {layer: {load, load_cv, dropped_fraction, entropy, gate_entropy, margin, flip}} (the
+    routing diagnostics of :mod:`simoe_vision.routers.diagnostics`, where the router reports them). The model's
+    ``forward`` is untouched.
     """
 
     def __init__(self, model: nn.Module, keep_top1: bool = True) -> None:
@@ -55,8 +58,9 @@ class RoutingRecorder:
                 self._top1[name].append(routing.indices[:, 0].reshape(batch, tokens).to('cpu', torch.int16))
             stats = routing.stats
             sums = self._sums.setdefault(name, {})
-            for key in ('load', 'dropped_fraction', 'entropy'):
-                sums[key] = sums.get(key, 0) + stats[key].detach().double().cpu() * count
+            for key in ('load', 'dropped_fraction', *DIAGNOSTICS):
+                if key in stats:
+                    sums[key] = sums.get(key, 0) + stats[key].detach().double().cpu() * count
             self._tokens[name] += count
         return hook
 
@@ -71,13 +75,15 @@ class RoutingRecorder:
 
     @staticmethod
     def summarize(totals: Dict[str, Dict[str, Tensor]]) -> Dict[str, Dict[str, object]]:
-        """Per layer: mean expert load (token share per expert), its CV, dropped share and routing entropy."""
+        """Per layer: mean expert load (token share per expert), its CV, dropped share and the token-mean routing
+        diagnostics (entropy of P, of G, top-1 margin of P, top-1 flip share; those the router reported)."""
         out = {}
         for name, sums in totals.items():
             n = sums['tokens'].clamp_min(1)
             load = (sums['load'] / n).float()
             out[name] = {'load': load.tolist(), 'load_cv': load_cv(load),
-                         'dropped_fraction': float(sums['dropped_fraction'] / n), 'entropy': float(sums['entropy'] / n)}
+                         'dropped_fraction': float(sums['dropped_fraction'] / n),
+                         **{key: float(sums[key] / n) for key in DIAGNOSTICS if key in sums}}
         return out
 
     def summary(self) -> Dict[str, Dict[str, object]]:

@@ -6,6 +6,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..routers.diagnostics import entropy
+
 __all__ = ['changed_share', 'fluctuation_curve', 'last_fluctuation_epoch', 'window_mean', 'routing_agreement',
            'load_cv', 'routing_entropy', 'FluctuationTracker']
 
@@ -58,7 +60,7 @@ def load_cv(load: Tensor) -> float:
 
 def routing_entropy(probs: Tensor) -> float:
     """Mean over tokens of the entropy (nats) of the routing distribution (tokens, E)."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean().item()
+    return entropy(probs).item()
 
 
 class FluctuationTracker:

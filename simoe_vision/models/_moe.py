@@ -10,9 +10,12 @@ from torch import Tensor
 
 from ..layers import MoeMlp
 
-__all__ = ['MoeModelMixin', 'parse_moe_layout', 'moe_layers', 'upcycle_state_dict', 'count_params']
+__all__ = ['EXPERT_INITS', 'MoeModelMixin', 'parse_moe_layout', 'moe_layers', 'init_experts', 'upcycle_state_dict',
+           'count_params']
 
 Layout = Union[str, Sequence[int]]
+# Expert weight inits: timm's ViT init (trunc-normal, std 0.02; what Experts does itself) or N(0, 1 / fan_in).
+EXPERT_INITS = ('trunc_normal', 'fan_in')
 
 
 def parse_moe_layout(layout: Layout, depth: int) -> List[int]:
@@ -34,6 +37,18 @@ def parse_moe_layout(layout: Layout, depth: int) -> List[int]:
 def moe_layers(model: nn.Module) -> List[Tuple[str, MoeMlp]]:
     """All MoE MLPs of a model, as (qualified name, module), in forward order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoeMlp)]
+
+
+def init_experts(model: nn.Module, scheme: str) -> None:
+    """Re-initialise every MoE layer's expert weights: 'trunc_normal' keeps them (timm's std 0.02, biases 0);
+    'fan_in' draws N(0, 1 / fan_in) (fan_in = d for fc1, the hidden width for fc2), LeCun-normal."""
+    if scheme not in EXPERT_INITS:
+        raise ValueError(f'unknown expert_init {scheme!r}; valid: {", ".join(EXPERT_INITS)}')
+    if scheme == 'fan_in':
+        with torch.no_grad():
+            for _, mlp in moe_layers(model):
+                for weight in (mlp.experts.fc1_weight, mlp.experts.fc2_weight):
+                    weight.normal_(0.0, weight.shape[1] ** -0.5)
 
 
 class MoeModelMixin:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..layers import MoeConfig, MoeMlp
 from ..routers import TokenGraph, TokenLayout, router_graph
-from ._moe import Layout, MoeModelMixin, parse_moe_layout, upcycle_state_dict
+from ._moe import Layout, MoeModelMixin, init_experts, parse_moe_layout, upcycle_state_dict
 
 __all__ = ['SwinMoE', 'SwinMoeBlock', 'swin_moe_layout', 'SIMILARITY_SCOPES']
 
@@ -201,9 +201,11 @@ class SwinMoE(MoeModelMixin, SwinTransformer):
             global block indices counted over all stages.
         similarity_scope: the graph of a router that builds it from the tokens (similarity): 'global' (all tokens
             of an image, default) or 'window' (each (shifted) attention window of the block).
+        expert_init: 'trunc_normal' (timm's, default) or 'fan_in' (N(0, 1 / fan_in)).
     """
 
-    def __init__(self, *, moe_layout: Layout = 'swin_moe', similarity_scope: str = 'global', **kwargs) -> None:
+    def __init__(self, *, moe_layout: Layout = 'swin_moe', similarity_scope: str = 'global',
+                 expert_init: str = 'trunc_normal', **kwargs) -> None:
         if similarity_scope not in SIMILARITY_SCOPES:
             raise ValueError(f'similarity_scope must be one of {", ".join(SIMILARITY_SCOPES)}, '
                              f'got {similarity_scope!r}')
@@ -232,6 +234,7 @@ class SwinMoE(MoeModelMixin, SwinTransformer):
             )
             named_apply(init_fn, block)  # timm's init for the new block's dense layers, as SwinTransformer does
             stage.blocks[j] = block
+        init_experts(self, expert_init)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SwinMoE) -> Dict[str, Tensor]:

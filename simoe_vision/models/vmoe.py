@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..layers import GraphAttention, MoeConfig, MoeMlp
 from ..routers import router_graph
-from ._moe import Layout, MoeModelMixin, parse_moe_layout
+from ._moe import Layout, MoeModelMixin, init_experts, parse_moe_layout
 
 __all__ = ['VisionMoE', 'MoeBlock']
 
@@ -64,10 +64,11 @@ class VisionMoE(MoeModelMixin, VisionTransformer):
     """V-MoE (Riquelme et al. 2021) on timm's ViT, with any registered router.
 
     Args (besides timm VisionTransformer's): the MoE settings (:class:`~simoe_vision.layers.MoeConfig`'s fields)
-    and ``moe_layout``: 'every2' (blocks 1, 3, 5, ...; V-MoE's default), 'last2', or a list of block indices.
+    and ``moe_layout``: 'every2' (blocks 1, 3, 5, ...; V-MoE's default), 'last2', or a list of block indices;
+    ``expert_init``: 'trunc_normal' (timm's, default) or 'fan_in' (N(0, 1 / fan_in)).
     """
 
-    def __init__(self, *, moe_layout: Layout = 'every2', **kwargs) -> None:
+    def __init__(self, *, moe_layout: Layout = 'every2', expert_init: str = 'trunc_normal', **kwargs) -> None:
         if 'block_fn' in kwargs:
             raise ValueError('VisionMoE builds its own blocks; block_fn cannot be given')
         moe, kwargs = MoeConfig.split(kwargs)
@@ -75,6 +76,7 @@ class VisionMoE(MoeModelMixin, VisionTransformer):
         super().__init__(block_fn=_block_factory(set(moe_blocks), moe), **kwargs)
         self.moe_config = moe
         self.moe_block_indices = moe_blocks
+        init_experts(self, expert_init)
 
 
 def _create_vmoe(variant: str, pretrained: bool = False, **kwargs) -> VisionMoE:

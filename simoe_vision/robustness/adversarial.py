@@ -1,4 +1,5 @@
-"""White-box L-inf robustness: FGSM and PGD (torchattacks) in pixel space, top-1 accuracy under attack.
+"""White-box L-inf robustness: FGSM, PGD and the standard AutoAttack (torchattacks) in pixel space, top-1 accuracy
+under attack.
 
 torchattacks clamps to [0, 1], so the attack must see pixels, not normalised tensors: the model is wrapped with its
 normalisation (``PixelSpaceModel``), and the loader's normalised images are mapped back to pixels first. ``eps``
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 __all__ = ['ATTACKS', 'PixelSpaceModel', 'adversarial_accuracy', 'make_attack']
 
-ATTACKS = ('fgsm', 'pgd')
+ATTACKS = ('fgsm', 'pgd', 'autoattack')
 
 
 def _channel_stats(values: Union[float, Sequence[float]], name: str) -> Tensor:
@@ -65,15 +66,22 @@ def make_attack(
         alpha: Optional[float] = None,
         steps: int = 10,
         random_start: bool = True,
+        num_classes: int = 10,
+        seed: int = 0,
 ) -> torchattacks.attack.Attack:
     """A torchattacks L-inf attack on a pixel-space model. ``eps``/``alpha`` in 1/255 units; PGD's default step size
-    is Madry et al.'s ``2.5 * eps / steps``. FGSM takes one step of size ``eps`` (``alpha``/``steps`` unused)."""
+    is Madry et al.'s ``2.5 * eps / steps``. FGSM takes one step of size ``eps`` (``alpha``/``steps`` unused).
+    'autoattack' is Croce & Hein's standard L-inf ensemble (APGD-CE, APGD-T, FAB-T, Square; its own step counts,
+    ``seed``), which needs ``num_classes``."""
     if attack not in ATTACKS:
         raise ValueError(f'unknown attack {attack!r}; choose one of {ATTACKS}')
     if eps < 0:
         raise ValueError(f'eps must be >= 0 (in 1/255 units), got {eps}')
     if attack == 'fgsm':
         return torchattacks.FGSM(model, eps=eps / 255)
+    if attack == 'autoattack':
+        return torchattacks.AutoAttack(model, norm='Linf', eps=eps / 255, version='standard', n_classes=num_classes,
+                                       seed=seed)
     if steps < 1:
         raise ValueError(f'PGD needs steps >= 1, got {steps}')
     alpha = 2.5 * eps / steps if alpha is None else alpha
@@ -102,8 +110,7 @@ def adversarial_accuracy(
     """
     device = torch.device(device)
     pixel_model = PixelSpaceModel(model, mean, std).to(device)
-    attacker = make_attack(pixel_model, attack, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
-    attacker.set_device(device)
+    attacker = None
     was_training = model.training
     model.eval()
     clean = robust = count = 0
@@ -119,7 +126,12 @@ def adversarial_accuracy(
                 pixels = pixel_model.to_pixels(images.to(device))
                 targets = targets.to(device)
                 with torch.no_grad():
-                    clean += int(pixel_model(pixels).argmax(-1).eq(targets).sum())
+                    logits = pixel_model(pixels)
+                clean += int(logits.argmax(-1).eq(targets).sum())
+                if attacker is None:  # AutoAttack needs the class count: the model's output width
+                    attacker = make_attack(pixel_model, attack, eps=eps, alpha=alpha, steps=steps,
+                                           random_start=random_start, num_classes=logits.shape[-1], seed=seed)
+                    attacker.set_device(device)
                 adv = attacker(pixels, targets)
                 with torch.no_grad():
                     robust += int(pixel_model(adv).argmax(-1).eq(targets).sum())

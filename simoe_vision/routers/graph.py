@@ -81,6 +81,22 @@ class TokenGraph:
 
         return TokenGraph(d(self.probs), d(self.q), d(self.k), self.scale, d(self.bias), self.layout)
 
+    def with_temperature(self, temperature: float) -> TokenGraph:
+        """The graph with its logits divided by ``temperature`` (< 1 sharpens, > 1 flattens, 1 is this graph).
+
+        Implicit: ``softmax((q k^T scale + bias) / T)``, i.e. scale and bias divided by T. Dense: each head's rows
+        become ``softmax(log A / T)``, i.e. ``A^(1/T)`` renormalised (the same graph when A came from those logits).
+        """
+        if not temperature > 0:
+            raise ValueError(f'graph temperature must be > 0, got {temperature!r}')
+        if temperature == 1.0:
+            return self
+        if self.probs is not None:
+            probs = (self.probs.float().clamp_min(torch.finfo(torch.float32).tiny).log() / temperature).softmax(-1)
+            return TokenGraph(probs=probs, layout=self.layout)
+        bias = None if self.bias is None else self.bias / temperature
+        return TokenGraph(q=self.q, k=self.k, scale=self.scale / temperature, bias=bias, layout=self.layout)
+
     def dense(self) -> Tensor:
         """Head-averaged adjacency, (B', N', N'), fp32. Materialises N x N: for tests and small graphs."""
         if self.probs is not None:

@@ -2,6 +2,16 @@
 
 Conventions: ``probs`` and ``scores`` are (T, E) for T tokens and E experts. Coefficients of variation use the
 *population* variance (divide by E, as google-research/vmoe's ``jnp.std``), not the unbiased one Tutel uses.
+
+What the routers feed them (``Router(loss_probs=..., noise=...)``; P is the routing distribution, G the token's gate):
+
+* importance: ``loss_probs='clean'`` (V-MoE) gives the clean P, the distribution the selection is based on (for the
+  graph routers ``A G`` / ``softmax(A h)``, not G: the balance that matters is that of what is routed);
+  ``'selection'`` (default, the original numbers) gives the probabilities the top-k was taken from (noisy in training).
+* load: the clean and noisy scores of the noise actually applied, std ``noise_std``: ``log P`` and ``log P + noise``
+  with ``noise='routing'``; ``log G`` and ``log G + noise`` with ``noise='gate'`` (the noise acts on the gates there;
+  the expected load of the graph-mixed choice has no closed form, and the importance term on P covers the graph).
+  With ``loss_probs='clean'`` there is no load term where no noise is applied (eval), as in V-MoE.
 """
 from __future__ import annotations
 
