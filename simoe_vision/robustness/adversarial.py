@@ -59,6 +59,11 @@ class PixelSpaceModel(nn.Module):
         return self.model(self.normalize(x))
 
 
+def _check_attack(attack: str) -> None:
+    if attack not in ATTACKS:
+        raise ValueError(f'unknown attack {attack!r}; choose one of {ATTACKS}')
+
+
 def make_attack(
         model: nn.Module,
         attack: str = 'pgd',
@@ -73,8 +78,7 @@ def make_attack(
     is Madry et al.'s ``2.5 * eps / steps``. FGSM takes one step of size ``eps`` (``alpha``/``steps`` unused).
     'autoattack' is Croce & Hein's standard L-inf ensemble (APGD-CE, APGD-T, FAB-T, Square; its own step counts,
     ``seed``), which needs ``num_classes``."""
-    if attack not in ATTACKS:
-        raise ValueError(f'unknown attack {attack!r}; choose one of {ATTACKS}')
+    _check_attack(attack)
     if eps < 0:
         raise ValueError(f'eps must be >= 0 (in 1/255 units), got {eps}')
     if attack == 'fgsm':
@@ -108,6 +112,7 @@ def adversarial_accuracy(
     model runs in eval mode (restored afterwards); the random start is drawn from a forked torch RNG seeded with
     ``seed``, so results repeat and the caller's RNG is untouched. ``max_samples`` caps the cost on CPU.
     """
+    _check_attack(attack)  # before any work: the attack itself is built on the first batch (it needs the class count)
     device = torch.device(device)
     pixel_model = PixelSpaceModel(model, mean, std).to(device)
     attacker = None
