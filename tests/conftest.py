@@ -20,13 +20,7 @@ def _single_thread():
 
 @pytest.fixture(scope='session')
 def fashion_dir(tmp_path_factory):
-    """A fake Fashion-MNIST: 80 training and 16 test images of 28x28 with labels 0..9."""
-    import numpy as np
-    from fixtures import idx_gz
+    """A fake Fashion-MNIST (80 training, 16 test images), shared by the session's tests."""
+    from fixtures import fake_fashion_mnist
 
-    root = tmp_path_factory.mktemp('fmnist')
-    rng = np.random.default_rng(0)
-    for prefix, n in (('train', 80), ('t10k', 16)):
-        idx_gz(root / f'{prefix}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        idx_gz(root / f'{prefix}-labels-idx1-ubyte.gz', (np.arange(n) % 10).astype(np.uint8))
-    return root
+    return fake_fashion_mnist(tmp_path_factory.mktemp('fmnist'))

@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fixtures import TINY
 from timm.utils import ModelEmaV3
 
 import simoe_vision  # noqa: F401  (registers the models)
@@ -224,9 +225,8 @@ def test_router_registered_outside_trains_both_families(name, fashion_dir, tmp_p
         assert isinstance(layer.router, MeanFieldRouter)
     F.cross_entropy(model.train()(x), torch.arange(4)).backward()
     assert _gate_grad(model).abs().sum() > 0
-    args = ['--model', name, '--router', 'test_mean_field', '--data-dir', fashion_dir, '--epochs', '1',
-            '--batch-size', '16', '--val-size', '16', '--probe-size', '8', '--workers', '0', '--no-progress',
-            '--output', tmp_path, '--experiment', 'custom']
+    args = TINY + ['--model', name, '--router', 'test_mean_field', '--data-dir', fashion_dir, '--epochs', '1',
+                   '--output', tmp_path, '--experiment', 'custom']
     assert main([str(a) for a in args]) == 0
     assert (tmp_path / 'custom' / 'results.json').is_file()
 
