@@ -43,6 +43,25 @@ SETTINGS: Tuple[Tuple[str, str, Mapping[str, Any], Tuple[str, ...]], ...] = (
     ('clip', 'gradient clipping 1.0', {'clip_grad': 1.0}, ROUTERS),
     ('droppath', 'drop-path 0', {'drop_path': 0.0}, ROUTERS),
 )
+
+
+def _together(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The train.py settings of several rows applied at once (their ``*_kwargs`` mappings merged)."""
+    merged: Dict[str, Any] = {}
+    for values in rows:
+        for key, value in values.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, Mapping) else value
+    return merged
+
+
+# The bisection step, run right after the reference pair and the noise row: every other difference switched back at
+# once. If the effect survives it, the noise placement carries it alone (the one-at-a-time rows then only refine).
+_BY_NAME = {row[0]: row for row in SETTINGS}
+_OTHERS = ('init', 'losses', 'augment', 'clip', 'droppath')
+SETTINGS = (_BY_NAME['reference'], _BY_NAME['noise'],
+            ('all_but_noise', 'init, losses, augment, clip and drop-path at once',
+             _together([_BY_NAME[name][2] for name in _OTHERS]), ROUTERS),
+            *(_BY_NAME[name] for name in _OTHERS))
 RUNS_DIR = REPO / 'runs' / 'reconcile'
 SUMMARIES = REPO / 'docs' / 'results' / 'reconcile'
 ROW_KEYS = ('fluctuation', 'entropy', 'gate_entropy', 'margin', 'flip', 'val_top1', 'epoch_time')
