@@ -8,6 +8,8 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from torch import Tensor
 
+from .grouped_linear import grouped_linear
+
 __all__ = ['Experts']
 
 
@@ -75,21 +77,18 @@ class Experts(nn.Module):
     def forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """x (M, in) sorted by expert, the first ``counts[0]`` rows for expert 0 and so on -> (M, out).
 
-        One matmul per expert and layer on exactly its rows; the weights are unbound once so the backward pass
-        stacks the E weight gradients instead of accumulating E zero-padded (E, in, hidden) tensors.
+        One GEMM per expert and layer on exactly its rows (:func:`grouped_linear`). Under autocast the weights are
+        cast to the autocast dtype once per call, not once per expert (the matmuls then run with autocast off).
         """
         if len(counts) != self.num_experts or sum(counts) != x.shape[0]:
             raise ValueError(f'counts must give the rows of each of the {self.num_experts} experts and sum to '
                              f'{x.shape[0]}; got {list(counts)}')
-        fc1 = self._unbind(self.fc1_weight, self.fc1_bias)
-        fc2 = self._unbind(self.fc2_weight, self.fc2_bias)
-        outs = []
-        for rows, (w1, b1), (w2, b2) in zip(x.split(list(counts)), fc1, fc2, strict=True):
-            h = self.norm(self.drop1(self.act(self._linear(rows, w1, b1))))
-            outs.append(self._linear(h, w2, b2))
-        return self.drop2(torch.cat(outs))
-
-    @staticmethod
-    def _unbind(weight: Tensor, bias: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
-        biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
-        return list(zip(weight.unbind(0), biases, strict=True))
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc1_weight.dtype
+        w1, b1, w2, b2 = (None if t is None else t.to(dtype)
+                          for t in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))
+        with torch.autocast(device, enabled=False):
+            h = grouped_linear(x.to(dtype), w1, b1, counts)
+        h = self.norm(self.drop1(self.act(h)))
+        with torch.autocast(device, enabled=False):
+            return self.drop2(grouped_linear(h.to(dtype), w2, b2, counts))

@@ -1,0 +1,96 @@
+"""grouped_linear (the sorted dispatch's expert GEMMs): values and gradients against plain per-expert autograd, empty
+experts, the bf16 grouped kernel, and no per-expert restacking of weight gradients in the backward graph."""
+import pytest
+import torch
+
+from simoe_vision.layers import MoeMlp
+from simoe_vision.layers.experts import Experts
+from simoe_vision.layers.grouped_linear import grouped_linear, uses_grouped_mm
+
+COUNTS = [3, 0, 5, 8]  # expert 1 gets no rows
+
+
+def _problem(dtype, features=(8, 16)):
+    g = torch.Generator().manual_seed(0)
+    rows, (fin, fout) = sum(COUNTS), features
+    x = torch.randn(rows, fin, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(len(COUNTS), fin, fout, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(len(COUNTS), 1, fout, generator=g).to(dtype).requires_grad_()
+    return x, w, b, torch.randn(rows, fout, generator=g).to(dtype)
+
+
+def _reference(x, w, b, grad):
+    """Per-expert autograd in fp64: each expert's rows times its weight plus its bias."""
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    out = torch.cat([rows @ w64[e] + b64[e] for e, rows in enumerate(x64.split(COUNTS))])
+    out.backward(grad.double())
+    return out, x64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_values_and_gradients_match_per_expert_autograd(dtype, tol):
+    x, w, b, grad = _problem(dtype)
+    out = grouped_linear(x, w, b, COUNTS)
+    out.backward(grad)
+    ref_out, ref_x, ref_w, ref_b = _reference(x, w, b, grad)
+    for actual, expected in ((out, ref_out), (x.grad, ref_x), (w.grad, ref_w), (b.grad, ref_b)):
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # an expert without rows gets a zero gradient
+    assert torch.equal(b.grad[1], torch.zeros_like(b.grad[1]))
+
+
+def test_hand_worked_two_experts():
+    x = torch.tensor([[1., 2.], [3., 4.], [5., 6.]])
+    w = torch.stack([torch.eye(2), torch.tensor([[0., 1.], [1., 0.]])])  # expert 0 identity, expert 1 swaps
+    b = torch.tensor([[[0., 0.]], [[10., 20.]]])
+    assert grouped_linear(x, w, b, [1, 2]).tolist() == [[1., 2.], [14., 23.], [16., 25.]]
+
+
+def test_kernel_choice():
+    x, w, _, _ = _problem(torch.bfloat16)
+    assert uses_grouped_mm(x, w) == hasattr(torch, '_grouped_mm')
+    assert not uses_grouped_mm(x.float(), w.float())  # fp32: the per-expert loop was faster
+    x, w, _, _ = _problem(torch.bfloat16, features=(6, 7))
+    assert not uses_grouped_mm(x, w)  # strides not multiples of 16 bytes: the loop
+    out = grouped_linear(x, w, None, COUNTS)
+    torch.testing.assert_close(out.double(), _reference(x, w, torch.zeros(4, 1, 7), torch.zeros(16, 7))[0],
+                               rtol=5e-2, atol=5e-2 * out.abs().max().item())
+
+
+def _graph_nodes(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+    return [type(n).__name__ for n in seen]
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_backward_has_no_per_expert_weight_slicing(amp):
+    """The weight gradients are written in place: no unbind/stack, select or per-expert cast nodes in the graph."""
+    experts = Experts(32, 16, 32, 16)
+    x = torch.randn(64, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        out = experts.forward_grouped(x, [2] * 32)
+    nodes = _graph_nodes(out)
+    assert '_GroupedLinearBackward' in nodes
+    assert not set(nodes) & {'UnbindBackward0', 'StackBackward0', 'SelectBackward0', 'CatBackward0'}
+    casts = [n for n in nodes if n.startswith('ToCopyBackward')]
+    assert len(casts) == (4 if amp else 0)  # one cast per weight and bias tensor, never one per expert
+
+
+def test_moe_layer_under_autocast_trains_in_bf16_with_fp32_routing():
+    torch.manual_seed(0)
+    layer = MoeMlp(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert layer.last_routing.probs.dtype == torch.float32  # the routing math stays fp32
+    out.float().sum().backward()
+    assert layer.experts.fc1_weight.grad.dtype == torch.float32
+    assert layer.experts.fc1_weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
