@@ -246,3 +246,33 @@ def test_epoch_table_is_not_cut_in_logs(capsys):
     out = capsys.readouterr().out  # captured output is not a terminal: no 80-column cut like rich's default
     assert all(title in out for _, title, _ in EPOCH_COLUMNS)
     assert '0.8123' in out and '85.50' in out and '1.00e-04' in out and '…' not in out
+
+
+def test_epoch_table_grows_by_one_row_per_epoch(capsys):
+    """In a log: the header once, then one line per epoch; on a terminal: one live table whose last frame has
+    every epoch's row (and no table per epoch)."""
+    import io
+
+    from rich.console import Console
+
+    from simoe_vision.engine.display import Display
+    rows = [{'epoch': e, 'train_loss': 1.0 / e, 'val_top1': 80.0 + e, 'epoch_time': 9.0} for e in (1, 2, 3)]
+    display = Display()
+    for row in rows:
+        for _ in display.track(range(2), 2, f'train {row["epoch"]}'):
+            pass
+        display.epoch_table(row, total_epochs=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].split()[:3] == ['epoch', 'train', 'loss']
+    assert [line.split()[0] for line in lines[1:]] == ['1', '2', '3'] and '83.00' in lines[3]
+    buf = io.StringIO()
+    display = Display(console=Console(file=buf, force_terminal=True, width=160))
+    for row in rows:
+        for _ in display.track(range(2), 2, f'train {row["epoch"]}'):
+            pass
+        display.epoch_table(row, total_epochs=3)
+    display.close()
+    out = buf.getvalue()
+    last_frame = out[out.rindex('epochs (3/3)'):]
+    assert all(f'{80.0 + e:.2f}' in last_frame for e in (1, 2, 3))
+    assert 'epoch 1/3' not in out  # the old per-epoch tables

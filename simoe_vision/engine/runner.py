@@ -504,7 +504,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         display = Display(enabled=env.is_main, progress=config['progress'])
         if changes:
             display.print(f'resuming with changed settings, applied from the resumed epoch on: {", ".join(changes)}')
-        results = run(config, env, display, stop)
+        try:
+            results = run(config, env, display, stop)
+        finally:
+            display.close()  # the live table's last frame stays; the cursor comes back
         if results.get('stopped'):
             return 128 + int(results['stopped'])
         return 0
