@@ -5,6 +5,10 @@ In the spirit of timm's benchmark.py. Suites:
 
 * ``model``: train step (forward + cross-entropy + backward + SGD step) and inference (eval, no grad) for the dense
   twin and the MoE model with every router: step time, img/s, parameters (total, active per token), FLOPs.
+* ``layer``: one MoE MLP layer (forward + backward) against timm's dense ``Mlp`` and a naive per-expert loop at the
+  performance issue's three shapes, fp32 / bf16 autocast / bf16 weights (``--precisions``), FLOP ratios beside.
+* ``peers`` (not in the default set): the layer suite plus DeepSpeed-MoE, st-moe-pytorch and torchtitan's MoE where
+  installed (``pip install -r requirements-bench.txt -c requirements.txt``), all interleaved in the same rounds.
 * ``router``: router forward + backward over N tokens x E experts (the routing overhead alone).
 * ``memory``: peak memory of one train step at N = 3137 tokens (similarity vs softmax routing) for the router alone,
   one MoE layer and the whole nano V-MoE at 224 px, each case in a fresh subprocess after a warm-up step: peak RSS
@@ -21,6 +25,8 @@ know (without them attention and graph propagation count zero on CPU). MoE FLOPs
 tokens actually kept (the sorted dispatch never computes empty capacity slots).
 
     python benchmark.py --quick                       # < 60 s smoke run, prints the ratio table
+    python benchmark.py --suites layer,model --threads 1   # the performance targets, fp32 and bf16
+    python benchmark.py --suites peers --threads 1         # ... with the installed peer MoE layers
     python benchmark.py --output results/bench         # the full run (ViT-Ti/16 size, 197 tokens, batch 32)
     python benchmark.py --model vmoe_small_patch16_224 --suites model --threads 1
     python benchmark.py --suites model --swin-model swin_moe_tiny_patch4_window7_224 --batch-size 8
@@ -36,7 +42,6 @@ import csv
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,24 +59,29 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import simoe_vision  # noqa: E402,F401  (registers the models)
 from simoe_vision.deploy import check_export, example_images, load_runner  # noqa: E402
 from simoe_vision.models import count_params  # noqa: E402
 from simoe_vision.models.summary import register_cpu_flash_flops  # noqa: E402
+from simoe_vision.perf import count_flops, interleaved  # noqa: E402
+from simoe_vision.perf.allocator import keep_freed_memory  # noqa: E402
+from simoe_vision.perf.layer import LAYER_SHAPES, PRECISIONS, LayerShape, run_layer_suite  # noqa: E402
+from simoe_vision.perf.peers import PEER_NAMES, peer_status  # noqa: E402
 from simoe_vision.routers import ROUTERS, TokenGraph, create_router  # noqa: E402
 
 register_cpu_flash_flops()
 
 
-SUITES = ('model', 'router', 'memory', 'deploy')
+SUITES = ('model', 'layer', 'peers', 'router', 'memory', 'deploy')
 DEFAULT_SUITES = ('model', 'router', 'memory')
 
 # Targets on 197 tokens, batch >= 32, 2-core CPU (the project's performance issue).
 TARGET_MOE_VS_FLOPS = 1.10  # (a) V-MoE / dense train-step time <= 1.10 x their FLOP ratio
 TARGET_GRAPH_VS_SOFTMAX = 1.05  # (b) graph router / softmax router train-step time, same model
 TARGET_MEMORY = 1.5  # (c) similarity / softmax peak memory at N = 3137
+TARGET_LAYER_VS_FLOPS = 1.10  # (d) MoE layer / dense Mlp train-step time <= 1.10 x their FLOP ratio (bf16)
+TARGET_MANY_EXPERTS = 1.0  # (e) E = 32: our layer / naive loop and / DeepSpeed-MoE train-step time
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -145,51 +155,35 @@ def infer_step_fn(model: nn.Module, batch: int, img_size: int, amp: bool) -> Cal
     return step
 
 
-def count_flops(fn: Callable[[], None]) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-# -------------------------------------------------------------------------------------------------------- timing
-
-def interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int, iters: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each step, from ``rounds`` rounds that each run every variant ``iters`` times."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            times[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def run_model_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
     models = build_models(args)
     rows: List[Dict[str, Any]] = []
-    for mode, make in (('train', train_step_fn), ('infer', infer_step_fn)):
-        steps = {name: make(torch.compile(m) if args.compile else m, args.batch_size, args.img_size, args.amp)
-                 for name, m in models.items()}
-        flops = {} if args.compile else {name: count_flops(fn) for name, fn in steps.items()}
-        seconds = interleaved(steps, args.rounds, args.warmup)
-        for name, model in models.items():
-            total, active = count_params(model)
-            dense = 'swin_dense' if name.startswith('swin') else 'vit_dense'
-            softmax = f'{name.rsplit("_", 1)[0]}_softmax'
-            row = dict(suite=f'model_{mode}', variant=name, batch=args.batch_size, img_size=args.img_size,
-                       tokens=_num_tokens(model, args.img_size), step_ms=seconds[name] * 1e3,
-                       img_s=args.batch_size / seconds[name], params_m=total / 1e6, active_params_m=active / 1e6,
-                       gflops=flops[name] / 1e9 if flops else math.nan,
-                       time_vs_dense=seconds[name] / seconds[dense])
-            row['flops_vs_dense'] = flops[name] / flops[dense] if flops else math.nan
-            if softmax in seconds and name != dense:
-                row['time_vs_softmax'] = seconds[name] / seconds[softmax]
-            rows.append(row)
+    for precision in args.precisions:
+        for mode, make in (('train', train_step_fn), ('infer', infer_step_fn)):
+            rows += _model_rows(args, models, mode, make, precision)
+    return rows
+
+
+def _model_rows(args: argparse.Namespace, models: Dict[str, nn.Module], mode: str, make: Callable[..., Any],
+                precision: str) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    steps = {name: make(torch.compile(m) if args.compile else m, args.batch_size, args.img_size, precision == 'bf16')
+             for name, m in models.items()}
+    flops = {} if args.compile else {name: count_flops(fn) for name, fn in steps.items()}
+    seconds = interleaved(steps, args.rounds, args.warmup)
+    for name, model in models.items():
+        total, active = count_params(model)
+        dense = 'swin_dense' if name.startswith('swin') else 'vit_dense'
+        softmax = f'{name.rsplit("_", 1)[0]}_softmax'
+        row = dict(suite=f'model_{mode}', variant=name, precision=precision, batch=args.batch_size,
+                   img_size=args.img_size, tokens=_num_tokens(model, args.img_size), step_ms=seconds[name] * 1e3,
+                   img_s=args.batch_size / seconds[name], params_m=total / 1e6, active_params_m=active / 1e6,
+                   gflops=flops[name] / 1e9 if flops else math.nan,
+                   time_vs_dense=seconds[name] / seconds[dense])
+        row['flops_vs_dense'] = flops[name] / flops[dense] if flops else math.nan
+        if softmax in seconds and name != dense:
+            row['time_vs_softmax'] = seconds[name] / seconds[softmax]
+        rows.append(row)
     return rows
 
 
@@ -230,6 +224,15 @@ def run_router_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
                                  dim=args.router_dim, step_ms=seconds[r] * 1e3,
                                  time_vs_softmax=seconds[r] / seconds['softmax'] if 'softmax' in seconds else math.nan))
     return rows
+
+
+def run_layers(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    peers = PEER_NAMES if 'peers' in args.suites else ()
+    for name, status in peer_status().items():
+        if peers:
+            print(f'peer {name}: {status}', flush=True)
+    shapes = LAYER_SHAPES if args.layer_shapes is None else args.layer_shapes
+    return run_layer_suite(shapes, args.precisions, args.rounds, args.warmup, top_k=args.top_k, peers=peers)
 
 
 # -------------------------------------------------------------------------------------------------------- memory
@@ -351,19 +354,22 @@ class Target:
 
 
 def targets(rows: List[Dict[str, Any]]) -> List[Target]:
-    """The issue's three target ratios, from whatever rows this run produced."""
+    """The performance issues' target ratios, from whatever rows this run produced."""
     out: List[Target] = []
-    train = {r['variant']: r for r in rows if r['suite'] == 'model_train'}
-    if 'vit_dense' in train and 'vmoe_softmax' in train and not math.isnan(train['vmoe_softmax']['flops_vs_dense']):
-        r = train['vmoe_softmax']
-        out.append(Target('(a) V-MoE / dense train step vs FLOP ratio', r['time_vs_dense'] / r['flops_vs_dense'],
-                          TARGET_MOE_VS_FLOPS, f"time x{r['time_vs_dense']:.3f}, FLOPs x{r['flops_vs_dense']:.3f}, "
-                                               f"{r['tokens']} tokens, batch {r['batch']}"))
-    for router in ('similarity', 'attention'):
-        if f'vmoe_{router}' in train and 'vmoe_softmax' in train:
-            r = train[f'vmoe_{router}']
-            out.append(Target(f'(b) {router} / softmax router train step', r['time_vs_softmax'],
-                              TARGET_GRAPH_VS_SOFTMAX, f"{r['tokens']} tokens, batch {r['batch']}"))
+    for precision in dict.fromkeys(r.get('precision') for r in rows if r['suite'] == 'model_train'):
+        train = {r['variant']: r for r in rows if r['suite'] == 'model_train' and r['precision'] == precision}
+        r = train.get('vmoe_softmax')
+        if 'vit_dense' in train and r is not None and not math.isnan(r['flops_vs_dense']):
+            out.append(Target(f'(a) V-MoE / dense train step vs FLOP ratio, {precision}',
+                              r['time_vs_dense'] / r['flops_vs_dense'], TARGET_MOE_VS_FLOPS,
+                              f"time x{r['time_vs_dense']:.3f}, FLOPs x{r['flops_vs_dense']:.3f}, "
+                              f"{r['tokens']} tokens, batch {r['batch']}"))
+        for router in ('similarity', 'attention'):
+            if f'vmoe_{router}' in train and r is not None:
+                out.append(Target(f'(b) {router} / softmax router train step, {precision}',
+                                  train[f'vmoe_{router}']['time_vs_softmax'], TARGET_GRAPH_VS_SOFTMAX,
+                                  f"{r['tokens']} tokens, batch {r['batch']}"))
+    out += layer_targets([r for r in rows if r['suite'] == 'layer' and 'step_ms' in r])
     for level in ('model', 'layer', 'router'):
         mem = {r['variant']: r for r in rows if r['suite'] == f'memory_{level}'}
         if 'similarity_fused' in mem:
@@ -374,11 +380,32 @@ def targets(rows: List[Dict[str, Any]]) -> List[Target]:
     return out
 
 
+def layer_targets(rows: List[Dict[str, Any]]) -> List[Target]:
+    """(d) bf16: our layer / dense Mlp within 1.10 x the FLOP ratio at every shape; (e) at E = 32, our layer at
+    least as fast as the naive loop and DeepSpeed-MoE (each of its modes that ran), in every precision."""
+    out: List[Target] = []
+    for shape, precision in dict.fromkeys((r['shape'], r['precision']) for r in rows):
+        cell = {r['variant']: r for r in rows if r['shape'] == shape and r['precision'] == precision}
+        ours = cell['ours']
+        if precision != 'fp32':
+            out.append(Target(f'(d) MoE layer / dense Mlp vs FLOP ratio, {precision}, {shape}',
+                              ours['time_vs_dense'] / ours['flops_vs_dense'], TARGET_LAYER_VS_FLOPS,
+                              f"time x{ours['time_vs_dense']:.3f}, FLOPs x{ours['flops_vs_dense']:.3f}"))
+        if shape.endswith('E 32'):
+            for peer in ('naive_loop', 'deepspeed', 'deepspeed_dropless'):
+                if peer in cell:
+                    out.append(Target(f'(e) ours / {peer}, {precision}, {shape}', 1 / cell[peer]['time_vs_ours'],
+                                      TARGET_MANY_EXPERTS, f"{ours['step_ms']:.0f} vs {cell[peer]['step_ms']:.0f} ms"))
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- output
 
 COLUMNS = {
-    'model': ['variant', 'tokens', 'batch', 'step_ms', 'img_s', 'params_m', 'active_params_m', 'gflops',
+    'model': ['variant', 'precision', 'tokens', 'batch', 'step_ms', 'img_s', 'params_m', 'active_params_m', 'gflops',
               'flops_vs_dense', 'time_vs_dense', 'time_vs_softmax'],
+    'layer': ['variant', 'shape', 'precision', 'step_ms', 'gflops', 'flops_vs_dense', 'time_vs_dense', 'time_vs_ours',
+              'note'],
     'router': ['variant', 'tokens', 'experts', 'batch', 'dim', 'step_ms', 'time_vs_softmax'],
     'memory': ['variant', 'tokens', 'batch', 'dim', 'peak_mib', 'memory_vs_softmax'],
     'deploy': ['model', 'variant', 'router', 'img_size', 'batch', 'threads', 'step_ms', 'img_s', 'time_vs_eager',
@@ -464,6 +491,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def _layer_shapes(text: str) -> List[LayerShape]:
+    try:
+        return [LayerShape(*(int(v) for v in item.split(':'))) for item in text.split(',')]
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f'{text!r}: give B:N:d:hidden:E shapes, e.g. 32:197:384:1536:8') from None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--suites', type=lambda s: s.split(','), default=list(DEFAULT_SUITES),
@@ -479,9 +513,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--routers', type=lambda s: s.split(','), default=list(ROUTERS))
     p.add_argument('--rounds', type=int, default=3, help='interleaved rounds; medians are reported')
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--amp', action='store_true', help='bf16 autocast')
+    p.add_argument('--precisions', type=lambda s: s.split(','), default=['fp32', 'bf16'],
+                   help='model and layer suites: fp32, bf16 (autocast over fp32 weights), bf16w (bf16 weights, layer '
+                        'suite only); default fp32,bf16')
     p.add_argument('--compile', action='store_true', help='torch.compile the models (inductor); skips FLOP counts')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: all cores)')
+    p.add_argument('--layer-shapes', type=_layer_shapes, default=None,
+                   help='layer suite: B:N:d:hidden:E shapes, comma-separated (default: the issue\'s three)')
     p.add_argument('--router-tokens', type=lambda s: [int(v) for v in s.split(',')], default=[65, 197, 785, 3137])
     p.add_argument('--router-experts', type=lambda s: [int(v) for v in s.split(',')], default=[8, 16, 32])
     p.add_argument('--router-dim', type=int, default=192)
@@ -506,6 +544,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         for key, value in PRESETS[preset].items():  # options left at their default take the preset's value
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+    wrong = sorted(set(args.precisions) - set(PRECISIONS))
+    if wrong:
+        p.error(f'--precisions: unknown {", ".join(wrong)}; valid: {", ".join(PRECISIONS)}')
+    if 'model' in args.suites and 'bf16w' in args.precisions:
+        p.error('--precisions bf16w is for the layer suite only (the model suite runs fp32 and bf16 autocast); '
+                'run --suites layer with it')
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
         p.error(f'unknown suite(s) {", ".join(unknown)}; valid: {", ".join(SUITES)}')
@@ -531,12 +575,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     header = (f'simoe_vision benchmark: torch {torch.__version__}, timm {timm.__version__}, '
               f'{torch.get_num_threads()} threads, {args.model} @ {args.img_size}px, batch {args.batch_size}, '
               f'E={args.num_experts}, k={args.top_k}, layout {args.moe_layout}, {args.rounds} interleaved rounds '
-              f'(medians), {"bf16 autocast" if args.amp else "fp32"}{", compiled" if args.compile else ""}')
+              f'(medians), {"/".join(args.precisions)}{", compiled" if args.compile else ""}')
     print(header, flush=True)
     start = time.perf_counter()
     rows: List[Dict[str, Any]] = []
-    for suite, run in (('model', run_model_suite), ('router', run_router_suite), ('memory', run_memory_suite),
-                       ('deploy', run_deploy_suite)):
+    for suite, run in (('model', run_model_suite), ('layer', run_layers), ('peers', run_layers),
+                       ('router', run_router_suite), ('memory', run_memory_suite), ('deploy', run_deploy_suite)):
+        if suite == 'layer' and 'peers' in args.suites:
+            continue  # peers is the layer suite with the peers in the same rounds
         if suite in args.suites:
             rows += run(args)
             print(f'{suite} suite done at {time.perf_counter() - start:.0f} s', flush=True)
@@ -548,4 +594,5 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
 
 if __name__ == '__main__':
+    keep_freed_memory()  # as train.py does: large activations reuse their pages across steps
     main()

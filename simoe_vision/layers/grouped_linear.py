@@ -3,19 +3,23 @@ dispatch, with hand-written gradients so nothing is restacked or copied per expe
 
 Why a custom autograd function: slicing the (E, in, out) weight per expert (``unbind`` or ``weight[e]``) makes
 autograd build the weight gradient from E pieces, a stack (or E zero-padded full-size tensors) each backward pass;
-here each expert's gradient is written straight into its slice of one (E, in, out) tensor. Two kernels, chosen by
-measurement (2-core CPU with AMX-bf16, forward + backward of the three fc1 shapes of ``benchmark.py --suites layer``,
-1 thread): a loop of one GEMM per expert, and ``torch._grouped_mm`` (one call for all experts):
+here each expert's gradient is written straight into its slice of one (E, in, out) tensor.
 
-==============================  ===============  ===============  ================
-rows x in -> out, E             loop fp32        grouped fp32     grouped / loop bf16
-==============================  ===============  ===============  ================
-12608 x 384 -> 1536, 8          383 ms           438 ms           81 / 93 ms
-16640 x 192 -> 768, 8           128 ms           127 ms           29 / 37 ms
-6304 x 384 -> 1536, 32          248 ms           243 ms           95 / 104 ms
-==============================  ===============  ===============  ================
+Two kernels: a loop of one GEMM per expert (``addmm``, the bias fused into the GEMM as in ``nn.Linear``) and
+``torch._grouped_mm`` (one call for all experts, the bias added per expert after it). Measured on this 2-core CPU
+with AMX-bf16 (1 thread, fc1 of the performance issue's shapes, bf16, median of 4, the other core busy):
 
-so the grouped kernel serves bf16 (and fp16) where torch has it, the loop fp32.
+========================================  ==========  ===============  =====================
+rows x in -> out, E; pass                 loop        grouped          grouped + bias
+========================================  ==========  ===============  =====================
+12599 x 384 -> 1536, 8; forward           48 ms       46-56 ms         99 ms (bias 40-55 ms)
+6304 x 384 -> 1536, 32; forward           18 ms       16 ms            -
+6304 x 384 -> 1536, 32; weight gradient   23 ms       35 ms            -
+========================================  ==========  ===============  =====================
+
+On CPU the loop wins once there is a bias (a bf16 elementwise pass over the (rows, out) output costs as much as the
+GEMM) and in the weight gradient, in bf16 and fp32 alike, so CPU runs the loop; the grouped kernel is the CUDA
+path (bf16/fp16 on compute capability 9.0+, where it is one launch instead of E), exercised on CPU by the tests.
 """
 from __future__ import annotations
 
@@ -28,15 +32,15 @@ __all__ = ['grouped_linear', 'uses_grouped_mm']
 
 
 def uses_grouped_mm(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`grouped_linear` runs ``torch._grouped_mm`` on ``x`` and ``weight``: low precision, a device that
-    has it, and feature sizes whose strides it accepts (multiples of 16 bytes)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or not hasattr(torch, '_grouped_mm'):
-        return False
-    if any(size * x.element_size() % 16 for size in weight.shape[-2:]):
-        return False
-    if x.device.type == 'cuda':
-        return torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == 'cpu'
+    """Whether :func:`grouped_linear` picks ``torch._grouped_mm`` for ``x`` and ``weight``: bf16/fp16 on a CUDA device
+    of compute capability 9.0+ (see the module docstring for why not on CPU), with feature sizes whose strides it
+    accepts (multiples of 16 bytes)."""
+    return (x.device.type == 'cuda' and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, '_grouped_mm')
+            and torch.cuda.get_device_capability(x.device) >= (9, 0) and _aligned(x, weight))
+
+
+def _aligned(x: Tensor, weight: Tensor) -> bool:
+    return all(size * x.element_size() % 16 == 0 for size in weight.shape[-2:])
 
 
 def _offsets(counts: Sequence[int], device: torch.device) -> Tensor:
@@ -52,15 +56,14 @@ class _GroupedLinear(torch.autograd.Function):
     """Forward and backward of :func:`grouped_linear`; ``counts`` are the rows of each expert, in order."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, counts: Tuple[int, ...]) -> Tensor:
-        grouped = uses_grouped_mm(x, weight)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, counts: Tuple[int, ...], grouped: bool) -> Tensor:
         ctx.counts, ctx.grouped, ctx.has_bias = counts, grouped, bias is not None
         ctx.save_for_backward(x, weight)
         if grouped:
             out = torch._grouped_mm(x, weight, offs=_offsets(counts, x.device))
-            if bias is not None:
-                out += bias.squeeze(1).repeat_interleave(torch.tensor(counts, device=x.device), dim=0,
-                                                         output_size=x.shape[0])
+            if bias is not None:  # per expert, in place: no (rows, out) tensor of repeated biases
+                for e, dest in enumerate(out.split(list(counts))):
+                    dest.add_(bias[e])
             return out
         out = x.new_empty(x.shape[0], weight.shape[-1])
         for e, (rows, dest) in enumerate(zip(x.split(list(counts)), out.split(list(counts)), strict=True)):
@@ -71,7 +74,7 @@ class _GroupedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
         counts = list(ctx.counts)
         grad = grad.contiguous()
@@ -92,12 +95,20 @@ class _GroupedLinear(torch.autograd.Function):
                 for e, (rows, g) in enumerate(zip(x.split(counts), grad.split(counts), strict=True)):
                     torch.mm(rows.t(), g, out=grad_w[e])
         grad_b = _segment_sum(grad, counts) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, counts: Sequence[int]) -> Tensor:
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, counts: Sequence[int],
+                   grouped: bool | None = None) -> Tensor:
     """x (M, in) sorted by expert, ``counts[e]`` rows for expert e -> (M, out), row r of expert e: x_r W[e] + b[e].
 
     ``weight`` (E, in, out), ``bias`` (E, 1, out) or None, all of x's dtype (cast them once before, not per expert).
+    ``grouped``: force the kernel (True: ``torch._grouped_mm``, False: the loop); None picks by
+    :func:`uses_grouped_mm`.
     """
-    return _GroupedLinear.apply(x, weight, bias, tuple(int(c) for c in counts))
+    if grouped is None:
+        grouped = uses_grouped_mm(x, weight)
+    elif grouped and not (x.dtype in (torch.bfloat16, torch.float16) and _aligned(x, weight)):
+        raise ValueError(f'the grouped kernel needs bf16/fp16 and feature sizes of multiples of 16 bytes; got '
+                         f'{x.dtype} and weight {tuple(weight.shape)}')
+    return _GroupedLinear.apply(x, weight, bias, tuple(int(c) for c in counts), grouped)
