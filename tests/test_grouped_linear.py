@@ -95,3 +95,26 @@ def test_moe_layer_under_autocast_trains_in_bf16_with_fp32_routing():
     out.float().sum().backward()
     assert layer.experts.fc1_weight.grad.dtype == torch.float32
     assert layer.experts.fc1_weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_padded_rows_give_the_unpadded_results(monkeypatch):
+    """bf16 on CPU pads each expert's rows with zero rows to a multiple (GEMM shapes that repeat, see row_multiple):
+    outputs and gradients equal those of the exact rows."""
+    import simoe_vision.layers.moe_mlp as moe_mlp
+    assert moe_mlp.row_multiple(torch.bfloat16, torch.device('cpu')) > 1
+    assert moe_mlp.row_multiple(torch.float32, torch.device('cpu')) == 1
+    torch.manual_seed(0)
+    layer = MoeMlp(16, 32, num_experts=4, top_k=2, capacity_factor=1.25)
+    x = torch.randn(3, 10, 16)
+    results = []
+    for multiple in (1, 8):
+        monkeypatch.setattr(moe_mlp, 'row_multiple', lambda dtype, device, m=multiple: m)
+        torch.manual_seed(1)  # the same router noise
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(xi)
+        out.float().square().sum().backward()
+        results.append((out, xi.grad, layer.experts.fc1_weight.grad, layer.experts.fc2_bias.grad))
+    for padded, exact in zip(*results, strict=True):
+        torch.testing.assert_close(padded, exact, rtol=1e-2, atol=1e-2)

@@ -74,6 +74,11 @@ class Experts(nn.Module):
         x = self.norm(self.drop1(self.act(x)))
         return self.drop2(self._linear(x, self.fc2_weight, self.fc2_bias))
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the expert GEMMs run in: the autocast dtype where autocast is on, else the weights' dtype."""
+        autocast = torch.is_autocast_enabled(device.type)
+        return torch.get_autocast_dtype(device.type) if autocast else self.fc1_weight.dtype
+
     def forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """x (M, in) sorted by expert, the first ``counts[0]`` rows for expert 0 and so on -> (M, out).
 
@@ -83,8 +88,7 @@ class Experts(nn.Module):
         if len(counts) != self.num_experts or sum(counts) != x.shape[0]:
             raise ValueError(f'counts must give the rows of each of the {self.num_experts} experts and sum to '
                              f'{x.shape[0]}; got {list(counts)}')
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc1_weight.dtype
+        device, dtype = x.device.type, self.compute_dtype(x.device)
         w1, b1, w2, b2 = (None if t is None else t.to(dtype)
                           for t in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))
         with torch.autocast(device, enabled=False):
