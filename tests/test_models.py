@@ -185,6 +185,7 @@ def test_moe_layouts():
     (dict(router='dense'), "unknown router 'dense'; valid routers: softmax, similarity, attention"),
     (dict(router_kwargs=dict(temp=1.0)), 'unknown keyword.*temp'),
     (dict(top_k=5), r'top_k must be an integer in \[1, num_experts=4\], got 5'),
+    (dict(stem='resnet'), "unknown stem 'resnet'; valid: patch, conv"),
 ])
 def test_model_kwarg_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -204,3 +205,28 @@ def test_expert_init_fan_in(name):
                 assert float(w.std()) == pytest.approx(expected, rel=0.15)
     with pytest.raises(ValueError, match='expert_init'):
         timm.create_model(name, expert_init='xavier')
+
+
+@pytest.mark.parametrize('patch, grid', [(7, 4), (4, 7)])
+def test_conv_stem_token_grid_training_and_round_trips(patch, grid, tmp_path):
+    """stem='conv' (through timm.create_model, as a YAML model kwarg would give it): ceil(img / 2^ceil(log2 patch))
+    tokens a side, trains (BatchNorm in the stem), and survives deepcopy, state_dict reload and torch.export."""
+    import copy
+    torch.manual_seed(0)
+    model = timm.create_model('vmoe_nano_patch4_32', stem='conv', patch_size=patch, img_size=28, in_chans=1,
+                              num_classes=10, global_pool='avg', class_token=False, num_experts=4)
+    assert model.patch_embed.grid_size == (grid, grid) and model.patch_embed.num_patches == grid * grid
+    x = torch.randn(4, 1, 28, 28)
+    F.cross_entropy(model(x), torch.arange(4)).backward()
+    assert model.patch_embed.backbone[0].conv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(copy.deepcopy(model)(x), expected)
+        torch.save(model.state_dict(), tmp_path / 'w.pt')
+        again = timm.create_model('vmoe_nano_patch4_32', stem='conv', patch_size=patch, img_size=28, in_chans=1,
+                                  num_classes=10, global_pool='avg', class_token=False, num_experts=4).eval()
+        again.load_state_dict(torch.load(tmp_path / 'w.pt'))
+        assert torch.equal(again(x), expected)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)

@@ -7,14 +7,16 @@ a token graph, which the block passes down to a router that reads the attention 
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Set
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import Attention
+from timm.layers import Attention, HybridEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor
 
 from ..layers import GraphAttention, MoeConfig, MoeMlp
@@ -60,17 +62,41 @@ def _block_factory(moe_blocks: Set[int], moe: MoeConfig) -> Callable[..., nn.Mod
     return make_block
 
 
+def conv_stem_embed(*, img_size: Any, patch_size: Any, in_chans: int, embed_dim: int, bias: bool = True,
+                    **kwargs: Any) -> HybridEmbed:
+    """A convolutional stem in place of the patch projection ("Early Convolutions Help Transformers See Better",
+    Xiao et al. 2021): ceil(log2 patch) 3x3 stride-2 convs (BatchNorm + ReLU between, widths doubling up to
+    ``embed_dim``), so the token grid is ceil(img / 2^n): 28 px at patch 7 -> 4 x 4 tokens as a 7 px patch grid, patch
+    4 -> 7 x 7. timm's ``ConvStem`` in timm's ``HybridEmbed``."""
+    depth = max(1, math.ceil(math.log2(max(to_2tuple(patch_size)))))
+    backbone = ConvStem(in_chans, depth=depth, channels=embed_dim, stride=(2,) * depth,
+                        device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+    return HybridEmbed(backbone, img_size=img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim, proj=False,
+                       **kwargs)
+
+
+STEMS = {'patch': None, 'conv': conv_stem_embed}
+
+
 class VisionMoE(MoeModelMixin, VisionTransformer):
     """V-MoE (Riquelme et al. 2021) on timm's ViT, with any registered router.
 
     Args (besides timm VisionTransformer's): the MoE settings (:class:`~simoe_vision.layers.MoeConfig`'s fields)
     and ``moe_layout``: 'every2' (blocks 1, 3, 5, ...; V-MoE's default), 'last2', or a list of block indices;
-    ``expert_init``: 'trunc_normal' (timm's, default) or 'fan_in' (N(0, 1 / fan_in)).
+    ``expert_init``: 'trunc_normal' (timm's, default) or 'fan_in' (N(0, 1 / fan_in)); ``stem``: 'patch' (timm's
+    patch projection, default) or 'conv' (:func:`conv_stem_embed`).
     """
 
-    def __init__(self, *, moe_layout: Layout = 'every2', expert_init: str = 'trunc_normal', **kwargs) -> None:
+    def __init__(self, *, moe_layout: Layout = 'every2', expert_init: str = 'trunc_normal', stem: str = 'patch',
+                 **kwargs) -> None:
         if 'block_fn' in kwargs:
             raise ValueError('VisionMoE builds its own blocks; block_fn cannot be given')
+        if stem not in STEMS:
+            raise ValueError(f'unknown stem {stem!r}; valid: {", ".join(STEMS)}')
+        if STEMS[stem] is not None:
+            if 'embed_layer' in kwargs:
+                raise ValueError(f'stem={stem!r} is an embed layer: give stem or embed_layer, not both')
+            kwargs['embed_layer'] = STEMS[stem]
         moe, kwargs = MoeConfig.split(kwargs)
         moe_blocks = parse_moe_layout(moe_layout, kwargs.get('depth', 12))
         super().__init__(block_fn=_block_factory(set(moe_blocks), moe), **kwargs)
