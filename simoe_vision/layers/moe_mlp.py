@@ -204,14 +204,16 @@ class MoeMlp(nn.Module):
         token = pairs // k
         x = x.to(self.experts.compute_dtype(x.device))  # cast before the gather: half the bytes moved in bf16
         multiple = row_multiple(x.dtype, x.device)
+        # index_select, not x[token]: its backward is an index_add, the indexing one a much slower accumulating put
         if multiple == 1:
-            expert_out = self.experts.forward_grouped(x[token], counts.tolist())
+            expert_out = self.experts.forward_grouped(x.index_select(0, token), counts.tolist())
         else:  # each expert's rows padded with zero rows to a multiple: GEMM shapes that repeat across steps
             padded = (counts + multiple - 1) // multiple * multiple
             rank = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert[order]]
             rows = (padded.cumsum(0) - padded)[expert[order]] + rank
             source = token.new_zeros(int(padded.sum())).index_put_((rows,), token + 1)  # 0: the zero row
-            expert_out = self.experts.forward_grouped(F.pad(x, (0, 0, 1, 0))[source], padded.tolist())[rows]
+            expert_in = F.pad(x, (0, 0, 1, 0)).index_select(0, source)
+            expert_out = self.experts.forward_grouped(expert_in, padded.tolist()).index_select(0, rows)
         contrib = expert_out * routing.weights.reshape(-1)[pairs].unsqueeze(-1).to(expert_out.dtype)
         out = expert_out.new_zeros(total, expert_out.shape[-1]).index_add_(0, token, contrib)
         slots = counts.max() if cf is None else torch.tensor(capacity, device=x.device)
