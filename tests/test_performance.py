@@ -182,3 +182,42 @@ def test_benchmark_deploy_suite(tmp_path):
     assert set(rows) == {'eager', 'eager_static', 'onnxruntime'}
     assert rows['onnxruntime']['max_diff'] <= 1e-5 and rows['eager']['time_vs_eager'] == 1.0
     assert all(r['img_s'] > 0 and r['model'] == 'vmoe_test' for r in results)
+
+
+def test_benchmark_layer_suite_rows_and_targets(capsys):
+    """--suites layer: every variant in every precision at the given shape, FLOP ratios from the fp32 step, and the
+    (d)/(e) targets computed from the run's own rows (marked met or not)."""
+    bench = _load_benchmark()
+    results = bench.main(['--suites', 'layer', '--layer-shapes', '2:9:16:32:4,1:9:16:32:32', '--rounds', '1',
+                          '--warmup', '0', '--threads', '1', '--precisions', 'fp32,bf16,bf16w', '--no-rich'])
+    timed = [r for r in results if 'step_ms' in r]
+    assert {(r['variant'], r['precision']) for r in timed} == {
+        (v, p) for v in ('dense_mlp', 'ours', 'ours_dropless', 'naive_loop') for p in ('fp32', 'bf16', 'bf16w')}
+    for r in timed:
+        assert r['step_ms'] > 0
+        assert r['flops_vs_dense'] == (1.0 if r['variant'] == 'dense_mlp' else pytest.approx(2.0, rel=0.25))
+    names = [t.name for t in bench.targets(results)]
+    assert sum(n.startswith('(d)') for n in names) == 4  # bf16 and bf16w at both shapes
+    assert any(n.startswith('(e) ours / naive_loop') for n in names)  # the E = 32 shape
+    assert 'targets' in capsys.readouterr().out
+
+
+def test_layer_targets_mark_met_and_not_met():
+    bench = _load_benchmark()
+    shape = '1x9x16, h 32, E 32'
+    rows = [dict(variant='ours', shape=shape, precision='bf16', step_ms=10.0, time_vs_dense=2.0, flops_vs_dense=2.0),
+            dict(variant='naive_loop', shape=shape, precision='bf16', step_ms=8.0, time_vs_ours=0.8)]
+    by_name = {t.name.split(',')[0]: t for t in bench.layer_targets(rows)}
+    ratio = by_name['(d) MoE layer / dense Mlp vs FLOP ratio']
+    assert ratio.value == 1.0 and ratio.met
+    assert by_name['(e) ours / naive_loop'].value == pytest.approx(1.25) and not by_name['(e) ours / naive_loop'].met
+
+
+def test_benchmark_refuses_what_it_cannot_apply(capsys):
+    bench = _load_benchmark()
+    for argv, message in ((['--suites', 'model', '--precisions', 'bf16w'], 'bf16w is for the layer suite only'),
+                          (['--precisions', 'fp8'], 'unknown fp8'),
+                          (['--suites', 'layer', '--layer-shapes', '32:197'], 'B:N:d:hidden:E')):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
