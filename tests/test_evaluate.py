@@ -222,6 +222,19 @@ def test_weights_file_loads_with_flags_and_mismatch_is_one_message(runs, tmp_pat
         in cap.err
 
 
+def test_conv_stem_weights_load_with_their_input_channels(tmp_path):
+    """stem='conv' replaces the cfg's first conv (patch_embed.proj): in_chans comes from the stem's first conv."""
+    torch.manual_seed(0)
+    net = timm.create_model('vmoe_test', stem='conv', in_chans=1, num_classes=10, img_size=28, num_experts=4)
+    weights = tmp_path / 'stem.safetensors'
+    save_file(net.state_dict(), weights)
+    loaded = load_model(weights, model='vmoe_test', model_kwargs={'stem': 'conv', 'num_experts': 4, 'img_size': 28})
+    assert loaded.model.patch_embed.backbone[0].conv.in_channels == 1 and loaded.config['data'] == 'fashion_mnist'
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), net.eval()(x), rtol=0, atol=0)
+
+
 def test_missing_imagenet_c_folders_listed_in_one_error(runs, tmp_path, capsys):
     root = tmp_path / 'imagenet-c'
     (root / 'gaussian_noise' / '1' / 'n01440764').mkdir(parents=True)

@@ -193,14 +193,25 @@ def _first_conv_and_classifier(name: str) -> tuple[str, str]:
     return first, classifier
 
 
+def _in_chans(name: str, weights: Dict[str, Tensor]) -> int | None:
+    """Input channels of the weights: the pretrained cfg's first conv, or (a stem that replaces it, e.g.
+    ``stem='conv'``) the first 4-D weight, the first conv in a state dict's module order; None without either."""
+    first, _ = _first_conv_and_classifier(name)
+    weight = weights.get(f'{first}.weight')
+    if weight is None:
+        weight = next((w for w in weights.values() if w.dim() == 4), None)
+    return None if weight is None else int(weight.shape[1])
+
+
 def _build(config: Dict[str, Any], weights: Dict[str, Tensor]) -> nn.Module:
     """The model of ``config`` with ``num_classes``/``in_chans`` taken from the weights."""
-    first, classifier = _first_conv_and_classifier(config['model'])
+    _, classifier = _first_conv_and_classifier(config['model'])
     fixed: Dict[str, Any] = {}
     if f'{classifier}.weight' in weights:
         fixed['num_classes'] = weights[f'{classifier}.weight'].shape[0]
-    if f'{first}.weight' in weights:
-        fixed['in_chans'] = weights[f'{first}.weight'].shape[1]
+    in_chans = _in_chans(config['model'], weights)
+    if in_chans is not None:
+        fixed['in_chans'] = in_chans
     try:
         return create_model_from_config(config, **fixed)
     except RuntimeError as e:
@@ -235,8 +246,7 @@ def load_model(
     check_state_dict(net, weights, config, str(weights_path))
     net.load_state_dict(weights)
     net.to(device).eval()
-    first, _ = _first_conv_and_classifier(config['model'])
-    in_chans = int(weights[f'{first}.weight'].shape[1]) if f'{first}.weight' in weights else None
+    in_chans = _in_chans(config['model'], weights)
     if saved is None and data is None:  # a bare RGB weights file is an ImageNet-style model: its mean/std
         config['data'] = 'fashion_mnist' if in_chans == 1 else 'imagefolder'
     data_config = data_config_for({**config, 'in_chans': in_chans or config['in_chans']})
