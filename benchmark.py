@@ -82,6 +82,10 @@ TARGET_GRAPH_VS_SOFTMAX = 1.05  # (b) graph router / softmax router train-step t
 TARGET_MEMORY = 1.5  # (c) similarity / softmax peak memory at N = 3137
 TARGET_LAYER_VS_FLOPS = 1.10  # (d) MoE layer / dense Mlp train-step time <= 1.10 x their FLOP ratio (bf16)
 TARGET_MANY_EXPERTS = 1.0  # (e) E = 32: our layer / naive loop and / DeepSpeed-MoE train-step time
+DEFAULT_WARMUP = 1
+# bf16 layer steps keep meeting new padded row counts for a while (one oneDNN compilation each): 3 warm-up steps
+# left E = 32 cells 1.3-1.7x slow in one run; 8 gave capacity 1.25 and dropless within 4 % of each other.
+LAYER_WARMUP = 8
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -155,6 +159,11 @@ def infer_step_fn(model: nn.Module, batch: int, img_size: int, amp: bool) -> Cal
     return step
 
 
+def warmup_steps(args: argparse.Namespace, default: int = DEFAULT_WARMUP) -> int:
+    """--warmup when given, else the suite's default."""
+    return default if args.warmup is None else args.warmup
+
+
 def run_model_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
     models = build_models(args)
     rows: List[Dict[str, Any]] = []
@@ -170,7 +179,7 @@ def _model_rows(args: argparse.Namespace, models: Dict[str, nn.Module], mode: st
     steps = {name: make(torch.compile(m) if args.compile else m, args.batch_size, args.img_size, precision == 'bf16')
              for name, m in models.items()}
     flops = {} if args.compile else {name: count_flops(fn) for name, fn in steps.items()}
-    seconds = interleaved(steps, args.rounds, args.warmup)
+    seconds = interleaved(steps, args.rounds, warmup_steps(args))
     for name, model in models.items():
         total, active = count_params(model)
         dense = 'swin_dense' if name.startswith('swin') else 'vit_dense'
@@ -218,7 +227,7 @@ def run_router_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
         for experts in args.router_experts:
             steps = {r: router_step_fn(r, tokens, experts, args.router_dim, batch, args.router_heads)
                      for r in args.routers}
-            seconds = interleaved(steps, args.rounds, args.warmup, iters=args.router_iters)
+            seconds = interleaved(steps, args.rounds, warmup_steps(args), iters=args.router_iters)
             for r in args.routers:
                 rows.append(dict(suite='router', variant=r, tokens=tokens, experts=experts, batch=batch,
                                  dim=args.router_dim, step_ms=seconds[r] * 1e3,
@@ -232,7 +241,8 @@ def run_layers(args: argparse.Namespace) -> List[Dict[str, Any]]:
         if peers:
             print(f'peer {name}: {status}', flush=True)
     shapes = LAYER_SHAPES if args.layer_shapes is None else args.layer_shapes
-    return run_layer_suite(shapes, args.precisions, args.rounds, args.warmup, top_k=args.top_k, peers=peers)
+    return run_layer_suite(shapes, args.precisions, args.rounds, warmup_steps(args, LAYER_WARMUP), top_k=args.top_k,
+                           peers=peers)
 
 
 # -------------------------------------------------------------------------------------------------------- memory
@@ -330,7 +340,7 @@ def run_deploy_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
             run = load_runner(path, 'onnx', threads)
             steps = {'eager': _eager_step(model, x), 'eager_static': _eager_step(static, x),
                      'onnxruntime': partial(run, x)}
-            seconds = interleaved(steps, args.rounds, args.warmup)
+            seconds = interleaved(steps, args.rounds, warmup_steps(args))
         for variant, sec in seconds.items():
             rows.append(dict(suite='deploy', variant=variant, model=name, router=args.deploy_router,
                              img_size=data_config['input_size'][-1], batch=args.batch_size, threads=threads,
@@ -512,7 +522,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--moe-layout', default='every2')
     p.add_argument('--routers', type=lambda s: s.split(','), default=list(ROUTERS))
     p.add_argument('--rounds', type=int, default=3, help='interleaved rounds; medians are reported')
-    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--warmup', type=int, default=None,
+                   help=f'warm-up calls per variant (default {DEFAULT_WARMUP}; layer and peers suites '
+                        f'{LAYER_WARMUP}: bf16 on CPU compiles a oneDNN kernel per new expert row count)')
     p.add_argument('--precisions', type=lambda s: s.split(','), default=['fp32', 'bf16'],
                    help='model and layer suites: fp32, bf16 (autocast over fp32 weights), bf16w (bf16 weights, layer '
                         'suite only); default fp32,bf16')
