@@ -221,3 +221,16 @@ def test_benchmark_refuses_what_it_cannot_apply(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_keep_freed_memory_applies_or_opts_out(monkeypatch):
+    """glibc/Linux: mallopt accepted (True); SIMOE_DEFAULT_MALLOC=1: left alone (False), mallopt never called."""
+    import ctypes
+
+    from simoe_vision.perf import allocator
+    monkeypatch.setenv(allocator.OPT_OUT, '1')
+    monkeypatch.setattr(ctypes, 'CDLL', lambda *a, **k: pytest.fail('mallopt called despite the opt-out'))
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.undo()
+    monkeypatch.delenv(allocator.OPT_OUT, raising=False)
+    assert allocator.keep_freed_memory() is sys.platform.startswith('linux')
