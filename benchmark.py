@@ -237,8 +237,8 @@ def run_router_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def run_layers(args: argparse.Namespace) -> List[Dict[str, Any]]:
     peers = PEER_NAMES if 'peers' in args.suites else ()
-    for name, status in peer_status().items():
-        if peers:
+    if peers:  # peer_status imports every installed peer (seconds): only when they are timed
+        for name, status in peer_status().items():
             print(f'peer {name}: {status}', flush=True)
     shapes = LAYER_SHAPES if args.layer_shapes is None else args.layer_shapes
     return run_layer_suite(shapes, args.precisions, args.rounds, warmup_steps(args, LAYER_WARMUP), top_k=args.top_k,
