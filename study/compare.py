@@ -45,7 +45,8 @@ def headline_metrics(study: Study, summaries: Sequence[Summary]) -> Dict[str, Me
     for e in eps:
         out[f'pgd_{e}'] = (f'PGD {e}/255 top-1 (%)', lambda s, e=e: s['adversarial'].get('pgd', {}).get(e))
     if study.eval_plan.autoattack_subset or any('autoattack' in s['adversarial'] for s in summaries):
-        for e in eps:
+        planned_aa = {f'{e:g}' for e in study.eval_plan.autoattack_eps or study.eval_plan.eps}
+        for e in sorted(planned_aa | {e for s in summaries for e in s['adversarial'].get('autoattack', {})}, key=float):
             out[f'aa_{e}'] = (f'AutoAttack {e}/255 top-1 (%)',
                               lambda s, e=e: s['adversarial'].get('autoattack', {}).get(e))
     for name in FLUCTUATION_WINDOWS:

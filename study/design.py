@@ -86,6 +86,7 @@ class EvalPlan:
     pgd_steps: int = 10
     adv_subset: Optional[int] = None
     autoattack_subset: Optional[int] = None  # also run AutoAttack (standard, L-inf) on this many images
+    autoattack_eps: Optional[Tuple[float, ...]] = None  # ... at these of ``eps`` (None: all)
 
     def flags(self) -> List[str]:
         flags = ['--suite', 'clean,c,adv,routing', '--eval-subset', str(self.eval_subset),
@@ -94,6 +95,7 @@ class EvalPlan:
         flags += ['--adv-subset', str(self.adv_subset)] if self.adv_subset else []
         if self.autoattack_subset:
             flags += ['--attacks', 'fgsm,pgd,autoattack', '--autoattack-subset', str(self.autoattack_subset)]
+            flags += ['--autoattack-eps', ','.join(f'{e:g}' for e in self.autoattack_eps)] if self.autoattack_eps else []
         return flags
 
 

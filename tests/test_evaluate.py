@@ -251,6 +251,12 @@ def test_bad_flags_are_reported_together(runs, tmp_path, capsys):
                           '--suite', 'a', '--output', tmp_path / 'o'], capsys)
     assert code == 2
     assert '--suite a needs --imagenet-a-dir' in cap.err and 'unknown corruption(s) fogg' in cap.err
+    code, cap = evaluate(['--checkpoint', runs['soft'], '--attacks', 'pgd', '--autoattack-eps', '4',
+                          '--output', tmp_path / 'o'], capsys)
+    assert code == 2 and '--autoattack-eps needs autoattack among --attacks' in cap.err
+    code, cap = evaluate(['--checkpoint', runs['soft'], '--attacks', 'autoattack', '--eps', '1,4',
+                          '--autoattack-eps', '8', '--output', tmp_path / 'o'], capsys)
+    assert code == 2 and '--autoattack-eps 8 must be a subset of --eps 1,4' in cap.err
 
 
 def _png_tree(root: Path, wnids, size: int = 36) -> None:

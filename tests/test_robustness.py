@@ -481,3 +481,15 @@ def test_autoattack_flips_exactly_the_images_within_eps():
     assert result['clean_top1'] == 100.0 and result['adv_top1'] == 50.0 and result['attack'] == 'autoattack'
     capped = adversarial_accuracy(_MeanThreshold(), loader, 0.0, 1.0, attack='autoattack', eps=16.0, max_samples=1)
     assert capped['num_samples'] == 1 and capped['adv_top1'] == 0.0
+
+
+def test_autoattack_runs_only_at_its_own_radii():
+    """run_adversarial: FGSM at every eps, AutoAttack only at ``autoattack_eps`` (eps 16 flips the 0.55 image)."""
+    from simoe_vision.evaluation.runner import EvalSettings, run_adversarial
+    images = torch.stack([torch.full((1, 2, 2), 0.55), torch.full((1, 2, 2), 0.9)])
+    dataset = TensorDataset(images, torch.zeros(2, dtype=torch.long))
+    settings = EvalSettings(device=torch.device('cpu'), progress=False)
+    results = run_adversarial(_MeanThreshold(), dataset, {'mean': 0.0, 'std': 1.0}, ['fgsm', 'autoattack'],
+                              [1.0, 16.0], 10, None, settings, autoattack_eps=[16.0])
+    assert [(r['attack'], r['eps']) for r in results] == [('fgsm', 1.0), ('fgsm', 16.0), ('autoattack', 16.0)]
+    assert results[-1]['adv_top1'] == 50.0 and results[-1]['steps'] is None

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='attack only the first N images of the (sub)set (attacks cost ~steps forward+backward)')
     g.add_argument('--autoattack-subset', type=int, default=None, metavar='N',
                    help='AutoAttack only the first N of the attacked images (it costs thousands of passes per image)')
+    g.add_argument('--autoattack-eps', type=_numbers, default=None, metavar='EPS',
+                   help='AutoAttack at these radii (1/255 units) only, a subset of --eps (default: all of --eps)')
     g = p.add_argument_group('routing')
     g.add_argument('--num-maps', type=int, default=4, help='sample images in the expert maps (0: none)')
     g.add_argument('--map-corruption', default=None, help='corruption shown in the expert maps (default: the first)')
@@ -177,6 +179,11 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             problems.append(f'--{flag.replace("_", "-")} must be positive, got {value}')
+    if args.autoattack_eps is not None and 'autoattack' not in args.attacks:
+        problems.append('--autoattack-eps needs autoattack among --attacks')
+    elif args.autoattack_eps is not None and not set(args.autoattack_eps) <= set(args.eps):
+        problems.append(f'--autoattack-eps {",".join(f"{e:g}" for e in args.autoattack_eps)} must be a subset of '
+                        f'--eps {",".join(f"{e:g}" for e in args.eps)}')
     for suite, flag in (('a', 'imagenet_a_dir'), ('r', 'imagenet_r_dir')):
         if suite in args.suite and not getattr(args, flag):
             problems.append(f'--suite {suite} needs --{flag.replace("_", "-")}')
@@ -278,7 +285,8 @@ def evaluate_checkpoint(m: LoadedModel, args: argparse.Namespace, settings: Eval
         console.print(f'[bold]{m.label}[/bold]: adversarial ({", ".join(args.attacks)}; eps '
                       f'{", ".join(f"{e:g}" for e in args.eps)}/255; {len(attacked)} images)')
         out['adversarial'] = run_adversarial(net, attacked, m.data_config, args.attacks, args.eps, args.pgd_steps,
-                                             args.pgd_step_size, settings, args.autoattack_subset)
+                                             args.pgd_step_size, settings, args.autoattack_subset,
+                                             args.autoattack_eps)
         done()
     if recorder is not None and args.num_maps > 0:
         corruption, severity = _map_cell(args)

@@ -206,12 +206,15 @@ def run_imagenet_ar(model: nn.Module, root: str, variant: str, data_config: Dict
 
 def run_adversarial(model: nn.Module, dataset: Dataset, data_config: Dict[str, Any], attacks: Sequence[str],
                     eps_list: Sequence[float], steps: int, step_size: Optional[float],
-                    settings: EvalSettings, autoattack_subset: Optional[int] = None) -> list[Dict[str, Any]]:
+                    settings: EvalSettings, autoattack_subset: Optional[int] = None,
+                    autoattack_eps: Optional[Sequence[float]] = None) -> list[Dict[str, Any]]:
     """Top-1 under each attack and eps (1/255 units) on the clean set; the random start is seeded. AutoAttack
-    (its own step counts: ``steps`` None in the result) attacks only the first ``autoattack_subset`` images."""
+    (its own step counts: ``steps`` None in the result) attacks only the first ``autoattack_subset`` images, at
+    the radii ``autoattack_eps`` (None: all of ``eps_list``)."""
     out = []
     for attack in attacks:
-        for eps in eps_list:
+        radii = autoattack_eps if attack == 'autoattack' and autoattack_eps is not None else eps_list
+        for eps in radii:
             result = adversarial_accuracy(model, _pairs(_loader(dataset, settings)), data_config['mean'],
                                           data_config['std'], attack=attack, eps=eps, alpha=step_size, steps=steps,
                                           device=settings.device, seed=settings.seed,
