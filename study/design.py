@@ -95,7 +95,8 @@ class EvalPlan:
         flags += ['--adv-subset', str(self.adv_subset)] if self.adv_subset else []
         if self.autoattack_subset:
             flags += ['--attacks', 'fgsm,pgd,autoattack', '--autoattack-subset', str(self.autoattack_subset)]
-            flags += ['--autoattack-eps', ','.join(f'{e:g}' for e in self.autoattack_eps)] if self.autoattack_eps else []
+            if self.autoattack_eps:
+                flags += ['--autoattack-eps', ','.join(f'{e:g}' for e in self.autoattack_eps)]
         return flags
 
 
