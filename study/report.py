@@ -29,14 +29,14 @@ def _runs_of(summaries: Sequence[Summary], arm: Arm) -> List[Summary]:
 
 
 def _arm_table(study: Study, summaries: Sequence[Summary], arms: Sequence[Arm],
-               planned: Optional[int] = None) -> List[str]:
-    """One row per arm of every headline metric: 'n' is runs done / planned (``planned`` overrides each arm's seed
-    count)."""
+               seeds: Optional[Sequence[int]] = None) -> List[str]:
+    """One row per arm of every headline metric: 'n' is runs done / planned (of ``seeds`` only, when given)."""
     metrics = headline_metrics(study, summaries)
     rows = []
     for arm in arms:
         group = _runs_of(summaries, arm)
-        rows.append([arm.label, f'{len(group)}/{planned or len(arm.seeds)}']
+        planned = [s for s in arm.seeds if seeds is None or s in seeds]
+        rows.append([arm.label, f'{len(group)}/{len(planned)}']
                     + [format_mean_std([f(s) for s in group], DIGITS.get(k, 2)) for k, (_, f) in metrics.items()])
     return markdown_table(['router', 'n'] + [title for title, _ in metrics.values()], rows)
 
@@ -101,6 +101,41 @@ def _conclusions(study: Study, summaries: Sequence[Summary]) -> List[str]:
     return lines or ['- (no paired runs yet)']
 
 
+def _entropy_section(study: Study, summaries: Sequence[Summary]) -> List[str]:
+    """Did graph routing lower the entropy of expert selection (the paper's theorem)? Per graph arm: H(P) against
+    the token's own gate H(G) in the same runs, and against the softmax reference's H(P) paired by seed."""
+    def diag(key: str):
+        return lambda s: s['routing'].get('diagnostics', {}).get(key)
+
+    rows = []
+    for family in study.families:
+        reference = study.arm(family.reference)
+        for arm in (a for a in study.arms if a.family == family and a.router != reference.router):
+            runs = [s for s in _runs_of(summaries, arm) if 'diagnostics' in s['routing']]
+            if not runs:
+                continue
+            own = [diag('entropy')(s) - diag('gate_entropy')(s) for s in runs]
+            vs_softmax = paired_deltas(summaries, arm.name, reference.name, diag('entropy'))
+            lower = sum(d < 0 for d in own)
+            verdict = ('lowered' if lower == len(own) else 'raised' if lower == 0 else 'mixed') + \
+                f' ({lower} of {len(own)} runs lower)'
+            rows.append([f'{family.name}: {arm.label}', str(len(runs)),
+                         format_mean_std([diag('entropy')(s) for s in runs], 3),
+                         format_mean_std([diag('gate_entropy')(s) for s in runs], 3),
+                         format_mean_std(own, 3, sign=True), format_mean_std(vs_softmax, 3, sign=True),
+                         format_mean_std([diag('flip')(s) for s in runs], 3), verdict])
+    if not rows:
+        return []
+    return ['## Entropy of expert selection', '',
+            'The paper\'s theorem says graph routing lowers the entropy of expert selection. H(P): mean entropy '
+            '(nats; uniform over 8 experts = 2.08) of the routing distribution the top-k is taken from, H(G): of '
+            'the token\'s own gate, both on the evaluation images; the verdict compares H(P) with H(G) in the same '
+            'runs; "vs softmax" is H(P) minus the softmax reference\'s H(P), paired by seed; flip: share of tokens '
+            'whose top-1 expert under P differs from under G.', '',
+            *markdown_table(['arm', 'n', 'H(P)', 'H(G)', 'H(P) − H(G)', 'H(P) vs softmax', 'flip',
+                             'graph routing ... entropy'], rows), '']
+
+
 def _human_section(previous: Optional[str]) -> str:
     """The human-written conclusion of an existing results file (between the markers), or a placeholder."""
     if previous and HUMAN_BEGIN in previous and HUMAN_END in previous:
@@ -147,7 +182,7 @@ def _family_sections(study: Study, summaries: Sequence[Summary], docs: Path) -> 
             lines += [f'### {family.name} ablations ({len(seeds)} seed{plural}; baseline: '
                       f'{baseline.description or baseline.label})', '',
                       *_arm_table(study, [s for s in summaries if s['seed'] in seeds], [baseline, *ablations],
-                                  len(seeds)), '']
+                                  seeds), '']
     return lines
 
 
@@ -182,6 +217,7 @@ def render_report(study: Study, summaries: Sequence[Summary], docs: Path, previo
         lines += ['## Expert maps', '', 'Top-1 expert per token of the deepest MoE layer, clean vs corrupted, one run '
                   'per arm:', '']
         lines += [f'![{run}]({path})' for run, path in maps] + ['']
+    lines += _entropy_section(study, summaries)
     lines += ['## Mechanical comparison (paired by seed)', '', *_conclusions(study, summaries), '',
               '## Conclusion', '', _human_section(previous), '', '## Commands', '',
               f'Everything: `{study.command("run")} --budget-minutes 150` (repeat per session; commit '

@@ -301,6 +301,23 @@ def test_report_tables_conclusions_missing_runs_and_human_text(tmp_path):
     assert 'Similarity routing helps a little.' in write_report(V1, docs).read_text()
 
 
+def test_entropy_section_says_whether_the_graph_lowered_the_entropy(tmp_path):
+    docs = tmp_path / 'docs'
+    source = _fake_run(tmp_path / 'src')
+    cases = (('vmoe_softmax', 0, 1.5, 1.5), ('vmoe_softmax', 1, 1.5, 1.5),
+             ('vmoe_similarity', 0, 1.9, 1.7), ('vmoe_similarity', 1, 1.8, 1.6), ('vmoe_attention', 0, 1.4, 1.6))
+    for arm, seed, h_p, h_g in cases:
+        summary = _summary(source, arm, seed)
+        summary['routing']['diagnostics'] = {'entropy': h_p, 'gate_entropy': h_g, 'margin': 0.1, 'flip': 0.5}
+        _write_summary(docs, summary)
+    text = write_report(V1, docs).read_text()
+    # similarity: H(P) 1.9, 1.8 -> 1.850 ± 0.071; H(P) - H(G) 0.2, 0.2; vs softmax 0.4, 0.3 -> +0.350 ± 0.071
+    assert ('| vmoe: similarity | 2 | 1.850 ± 0.071 | 1.650 ± 0.071 | +0.200 ± 0.000 | +0.350 ± 0.071 | '
+            '0.500 ± 0.000 | raised (0 of 2 runs lower) |') in text
+    assert '| vmoe: attention | 1 | 1.400 | 1.600 | -0.200 | -0.100 | 0.500 | lowered (1 of 1 runs lower) |' in text
+    assert '| vmoe: softmax |' not in text  # the reference's P is its G
+
+
 def test_cli_plan_and_errors(tmp_path, capsys):
     assert main(['plan', '--runs-dir', str(tmp_path / 'r'), '--docs', str(tmp_path / 'd'),
                  '--arms', 'vmoe_softmax']) == 0
