@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             arms, plan, extra = args.arms or list(study.smoke_arms), SMOKE_EVAL, SMOKE_TRAIN
         else:
             runs_dir, docs = Path(args.runs_dir or study.runs_dir), Path(args.docs or 'docs')
-            cache_dir, arms, plan, extra = Path(args.cache_dir), args.arms, study.eval_plan, []
+            cache_dir, arms, plan, extra = Path(args.cache_dir), args.arms, None, []
         runs = select_runs(study, arms, args.seeds or (list(SMOKE_SEEDS) if args.smoke else None))
         if args.command == 'plan':
             _print_plan(plan_runs(study, runs, runs_dir, docs))

@@ -40,12 +40,13 @@ def headline_metrics(study: Study, summaries: Sequence[Summary]) -> Dict[str, Me
         'mce': ('mCE, unnorm. (%)', lambda s: s['corruption']['mce']),
         'rel_mce': ('mCE vs softmax (%)', _relative_mce(study, summaries)),
     }
-    planned = {f'{e:g}' for e in study.eval_plan.eps}
+    plans = [study.plan_for(family) for family in study.families]
+    planned = {f'{e:g}' for plan in plans for e in plan.eps}
     eps = sorted(planned | {e for s in summaries for e in s['adversarial'].get('pgd', {})}, key=float)
     for e in eps:
         out[f'pgd_{e}'] = (f'PGD {e}/255 top-1 (%)', lambda s, e=e: s['adversarial'].get('pgd', {}).get(e))
-    if study.eval_plan.autoattack_subset or any('autoattack' in s['adversarial'] for s in summaries):
-        planned_aa = {f'{e:g}' for e in study.eval_plan.autoattack_eps or study.eval_plan.eps}
+    if any(plan.autoattack_subset for plan in plans) or any('autoattack' in s['adversarial'] for s in summaries):
+        planned_aa = {f'{e:g}' for plan in plans if plan.autoattack_subset for e in plan.autoattack_eps or plan.eps}
         for e in sorted(planned_aa | {e for s in summaries for e in s['adversarial'].get('autoattack', {})}, key=float):
             out[f'aa_{e}'] = (f'AutoAttack {e}/255 top-1 (%)',
                               lambda s, e=e: s['adversarial'].get('autoattack', {}).get(e))

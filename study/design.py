@@ -29,7 +29,7 @@ class Family:
     """Arms compared with each other: one base config, and the arm every other one is measured against.
 
     ``images_per_second`` (training) and ``eval_seconds`` (one ``evaluate.py`` run) are the time estimates used
-    before a run of the family has been measured."""
+    before a run of the family has been measured; ``eval_plan`` replaces the study's evaluation for this family."""
 
     name: str
     title: str
@@ -37,6 +37,7 @@ class Family:
     reference: str
     images_per_second: float
     eval_seconds: float
+    eval_plan: Optional[EvalPlan] = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,10 @@ class Study:
 
     def ablations(self, baseline: Arm) -> List[Arm]:
         return [a for a in self.arms if a.baseline == baseline.name]
+
+    def plan_for(self, family: Family) -> EvalPlan:
+        """How the family's runs are evaluated: its own plan where it has one, else the study's."""
+        return family.eval_plan or self.eval_plan
 
     def command(self, verb: str) -> str:
         """How a user runs ``verb`` (plan, run, report) on this study."""

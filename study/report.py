@@ -12,7 +12,7 @@ from simoe_vision.evaluation.report import format_mean_std, markdown_table
 from simoe_vision.robustness import SEVERITIES
 
 from .compare import DIGITS, headline_metrics, paired_deltas
-from .design import REPO, Arm, Family, Run, Study
+from .design import REPO, Arm, EvalPlan, Family, Run, Study
 from .plan import select_runs
 from .run import command_text, eval_command, train_command
 from .summarize import load_summaries
@@ -153,11 +153,17 @@ def _command_templates(study: Study) -> List[str]:
         train = command_text(train_command(Run(arm, seed), runs_dir, False))
         lines += [f'# {arm.name}: S in {", ".join(map(str, arm.seeds))}',
                   train.replace(f'--seed {seed}', '--seed S').replace(f'{arm.name}_s{seed}', f'{arm.name}_sS')]
-    run = Run(study.arms[0], study.arms[0].seeds[0])
-    evaluate = command_text(eval_command(run, runs_dir, study.eval_plan, REPO / 'data' / 'cache' / 'corruptions'))
     reference = f' [--reference {study.runs_dir}/R_sS/eval/results.json]'
-    return lines + ['# every run A_sS; R: the reference arm of its family', evaluate.replace(run.name, 'A_sS')
-                    + reference]
+    plans: Dict[EvalPlan, List[Family]] = {}
+    for family in study.families:
+        plans.setdefault(study.plan_for(family), []).append(family)
+    for plan, families in plans.items():
+        run = Run(study.arm(families[0].reference), study.arm(families[0].reference).seeds[0])
+        evaluate = command_text(eval_command(run, runs_dir, plan, REPO / 'data' / 'cache' / 'corruptions'))
+        which = 'every run' if len(plans) == 1 else f'every {"/".join(f.name for f in families)} run'
+        lines += [f'# {which} A_sS; R: the reference arm of its family', evaluate.replace(run.name, 'A_sS')
+                  + reference]
+    return lines
 
 
 def _family_sections(study: Study, summaries: Sequence[Summary], docs: Path) -> List[str]:

@@ -111,10 +111,11 @@ def execute_run(study: Study, run: Run, runs_dir: Path, docs: Path, plan: EvalPl
 
 
 def run_study(study: Study, runs: Sequence[Run], runs_dir: Path, docs: Path, budget_s: Optional[float],
-              plan: EvalPlan, cache_dir: Path, train_extra: Sequence[str] = (), log: Callable[[str], None] = print,
-              clock: Callable[[], float] = time.monotonic,
+              plan: Optional[EvalPlan], cache_dir: Path, train_extra: Sequence[str] = (),
+              log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
               execute: Callable[..., Dict[str, Any]] = execute_run) -> List[str]:
-    """Run the missing runs in order until the next one would not fit ``budget_s``; returns the runs completed."""
+    """Run the missing runs in order until the next one would not fit ``budget_s``; returns the runs completed.
+    ``plan`` evaluates every run (the smoke test's); None evaluates each with its family's (``Study.plan_for``)."""
     start = clock()
     done = []
     for r in runs:
@@ -127,6 +128,6 @@ def run_study(study: Study, runs: Sequence[Run], runs_dir: Path, docs: Path, bud
                 f'min of the budget are left; commit {study.results_dir(docs)} and continue in the next session')
             break
         log(f'== {r.name} (~{estimate / 60:.0f} min)')
-        execute(study, r, runs_dir, docs, plan, cache_dir, train_extra, log)
+        execute(study, r, runs_dir, docs, plan or study.plan_for(r.arm.family), cache_dir, train_extra, log)
         done.append(r.name)
     return done

@@ -198,6 +198,25 @@ def test_run_stops_before_a_run_that_would_exceed_the_budget(tmp_path):
     assert done == ['vmoe_similarity_s0']
 
 
+def test_run_evaluates_each_family_with_its_own_plan(tmp_path):
+    """v2: AutoAttack for the 49-token V-MoE runs only; a plan given (the smoke test's) overrides both."""
+    from study.design import EvalPlan
+    from study.v2 import V2
+    plans = {}
+
+    def execute(study, r, runs_dir_, docs_, plan, cache_dir, extra, log):
+        plans[r.name] = plan
+
+    runs = select_runs(V2, ['v2_vmoe_softmax', 'swinmoe_softmax'], [1])
+    run.run_study(V2, runs, tmp_path / 'runs', tmp_path / 'docs', None, None, tmp_path / 'cache', execute=execute,
+                  log=lambda m: None)
+    assert plans['v2_vmoe_softmax_s1'].autoattack_eps == (4.0,) and plans['swinmoe_softmax_s1'] == EvalPlan()
+    given = EvalPlan(eval_subset=8)
+    run.run_study(V2, runs, tmp_path / 'runs', tmp_path / 'docs', None, given, tmp_path / 'cache', execute=execute,
+                  log=lambda m: None)
+    assert set(plans.values()) == {given}
+
+
 # ---- running one run (train.py / evaluate.py faked) ----
 
 def test_execute_run_trains_evaluates_and_summarises(tmp_path, monkeypatch):
@@ -361,8 +380,9 @@ def test_v2_arms_resolve_and_differ_only_in_router_settings():
     reference = parse_config(['-c', str(REPO / 'configs/reconcile/reference.yaml')])
     differs = {k for k in base if base[k] != reference.get(k)}
     assert differs == {'epochs', 'warmup_epochs'} and base['warmup_epochs'] == 0.1 * base['epochs']
-    flags = V2.eval_plan.flags()
+    flags = V2.plan_for(V2.arm('v2_vmoe_softmax').family).flags()
     assert flags[flags.index('--autoattack-eps') + 1] == '4' and flags[flags.index('--autoattack-subset') + 1] == '100'
+    assert 'autoattack' not in ' '.join(V2.plan_for(V2.arm('swinmoe_softmax').family).flags())  # as its seed 0
 
 
 def test_reconcile_runs_table_and_summary(tmp_path):
