@@ -89,14 +89,16 @@ class EvalPlan:
     autoattack_subset: Optional[int] = None  # also run AutoAttack (standard, L-inf) on this many images
     autoattack_eps: Optional[Tuple[float, ...]] = None  # ... at these of ``eps`` (None: all)
     autoattack_seeds: Optional[Tuple[int, ...]] = None  # ... for the runs of these seeds only (None: all)
+    autoattack_ablations: bool = True  # ... and for the ablation arms' runs too
 
-    def flags(self, seed: int) -> List[str]:
-        """evaluate.py's flags for a run of ``seed``."""
+    def flags(self, seed: int, ablation: bool = False) -> List[str]:
+        """evaluate.py's flags for a run of ``seed`` (of an ablation arm: ``ablation``)."""
         flags = ['--suite', 'clean,c,adv,routing', '--eval-subset', str(self.eval_subset),
                  '--corruptions', ','.join(self.corruptions), '--eps', ','.join(f'{e:g}' for e in self.eps),
                  '--pgd-steps', str(self.pgd_steps)]
         flags += ['--adv-subset', str(self.adv_subset)] if self.adv_subset else []
-        if self.autoattack_subset and (self.autoattack_seeds is None or seed in self.autoattack_seeds):
+        if (self.autoattack_subset and (self.autoattack_seeds is None or seed in self.autoattack_seeds)
+                and (self.autoattack_ablations or not ablation)):
             flags += ['--attacks', 'fgsm,pgd,autoattack', '--autoattack-subset', str(self.autoattack_subset)]
             if self.autoattack_eps:
                 flags += ['--autoattack-eps', ','.join(f'{e:g}' for e in self.autoattack_eps)]

@@ -161,7 +161,8 @@ def _command_templates(study: Study) -> List[str]:
         run = Run(study.arm(families[0].reference), study.arm(families[0].reference).seeds[0])
         evaluate = command_text(eval_command(run, runs_dir, plan, REPO / 'data' / 'cache' / 'corruptions'))
         which = 'every run' if len(plans) == 1 else f'every {"/".join(f.name for f in families)} run'
-        only = (f' (the --attacks/--autoattack-* flags for seed {", ".join(map(str, plan.autoattack_seeds))} only)'
+        only = (f' (the --attacks/--autoattack-* flags for seed {", ".join(map(str, plan.autoattack_seeds))} only'
+                f'{"" if plan.autoattack_ablations else " and not for ablations"})'
                 if plan.autoattack_subset and plan.autoattack_seeds is not None else '')
         lines += [f'# {which} A_sS; R: the reference arm of its family{only}', evaluate.replace(run.name, 'A_sS')
                   + reference]

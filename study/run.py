@@ -52,7 +52,8 @@ def _reference_run(run: Run) -> str:
 def eval_command(run: Run, runs_dir: Path, plan: EvalPlan, cache_dir: Path) -> List[str]:
     """evaluate.py on the run's best checkpoint; ``--reference`` the family's reference run of the same seed when
     its evaluation exists."""
-    cmd = [sys.executable, str(REPO / 'evaluate.py'), '--checkpoint', str(runs_dir / run.name), *plan.flags(run.seed),
+    cmd = [sys.executable, str(REPO / 'evaluate.py'), '--checkpoint', str(runs_dir / run.name),
+           *plan.flags(run.seed, run.arm.baseline is not None),
            '--output', str(runs_dir / run.name / 'eval'), '--cache-dir', str(cache_dir), '--no-progress']
     reference = runs_dir / _reference_run(run) / 'eval' / 'results.json'
     if run.arm.name != run.arm.family.reference and reference.is_file():

@@ -17,12 +17,14 @@ SEEDS = (0, 1, 2)
 # Throughput estimate before a run of the family exists: the reconciliation's 49-token dropless runs (images/s in
 # train.py, 2 shared cores); evaluation scaled from v1's 16-token estimate by the token count. Measured runs replace
 # both. The base is the reconciliation's reference setting at 8 epochs (configs/study/v2_vmoe_base.yaml).
-# AutoAttack (standard, L-inf) only for this family's seed-0 runs, at 4/255 on 100 images: on one CPU thread it
+# AutoAttack (standard, L-inf) only for this family's router comparison at seed 0, at 4/255 on 100 images (the
+# ablations are compared on validation and routing, not robustness): on one CPU thread it
 # took ~8 min per V-MoE run there (a 27-min run with it, 15 without), at 200 images and two radii over 20 min per
 # Swin-MoE run, and Swin-MoE's seed-0 runs (from the 16-token study) have none.
 VMOE49 = Family('vmoe49', 'V-MoE nano at 49 tokens (vmoe_nano_patch4_32, 4 px patches, dropless, reference setting)',
                 'configs/study/v2_vmoe_base.yaml', 'v2_vmoe_softmax', images_per_second=200.0, eval_seconds=450.0,
-                eval_plan=EvalPlan(autoattack_subset=100, autoattack_eps=(4.0,), autoattack_seeds=(0,)))
+                eval_plan=EvalPlan(autoattack_subset=100, autoattack_eps=(4.0,), autoattack_seeds=(0,),
+                                   autoattack_ablations=False))
 
 
 def _graph_arms(router: str) -> tuple[Arm, ...]:
@@ -49,9 +51,9 @@ SETUP = ('Fashion-MNIST at native 28 px. V-MoE nano dims with 4 px patches (49 p
          'for model selection (best epoch on validation; the test set only for the reported numbers). Everything '
          'equal across arms but the router settings. Evaluation: `evaluate.py` on a fixed seeded 1000-image subset '
          'of the test set: corruptions at 5 severities, FGSM/PGD L-inf attacks (PGD-10), routing agreement and '
-         'diagnostics; for the V-MoE arms\' seed-0 runs also the standard L-inf AutoAttack at 4/255 on the first '
-         '100 images (~8 min per run on one CPU thread; not for Swin-MoE: over 20 min per run, and its seed-0 runs '
-         'predate it). '
+         'diagnostics; for the V-MoE router comparison\'s seed-0 runs also the standard L-inf AutoAttack at 4/255 '
+         'on the first 100 images (~8 min per run on one CPU thread; not for the ablations, nor for Swin-MoE: over '
+         '20 min per run, and its seed-0 runs predate it). '
          'Values are mean ± sample std over seeds; `n` is seeds done / planned. Fluctuation: share of probe tokens '
          'whose top-1 expert changed since the previous epoch, averaged over the epochs ending in 40–90 % and in '
          'the last 30 % of training.')

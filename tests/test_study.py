@@ -384,6 +384,7 @@ def test_v2_arms_resolve_and_differ_only_in_router_settings():
     flags = plan.flags(0)
     assert flags[flags.index('--autoattack-eps') + 1] == '4' and flags[flags.index('--autoattack-subset') + 1] == '100'
     assert 'autoattack' not in ' '.join(plan.flags(1))  # seed 0 only: its cost
+    assert 'autoattack' not in ' '.join(plan.flags(0, ablation=True))  # and the router comparison only
     assert 'autoattack' not in ' '.join(V2.plan_for(V2.arm('swinmoe_softmax').family).flags(0))  # as its seed 0
 
 
