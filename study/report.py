@@ -79,25 +79,28 @@ def _figures(study: Study, summaries: Sequence[Summary], family: Family, folder:
 
 
 def _conclusions(study: Study, summaries: Sequence[Summary]) -> List[str]:
-    """Paired per-seed differences of every main arm against its family's reference, stated mechanically."""
+    """Paired per-seed differences of every main arm against its family's reference, then of every ablation against
+    its baseline, stated mechanically."""
     metrics = headline_metrics(study, summaries)
-    keys = ['test_top1', 'corr_acc', 'rel_mce', *(k for k in metrics if k.startswith('fluct_')), 'agree',
-            *(k for k in metrics if k.startswith(('pgd_', 'aa_', 'diag_entropy')))]
-    lines = []
+    keys = ['test_top1', 'val_top1', 'corr_acc', 'rel_mce', *(k for k in metrics if k.startswith('fluct_')),
+            'agree', *(k for k in metrics if k.startswith(('pgd_', 'aa_', 'diag_entropy')))]
+    pairs = []
     for family in study.families:
         reference = study.arm(family.reference)
-        for arm in study.main_arms(family):
-            if arm == reference:
+        main = study.main_arms(family)
+        pairs += [(family, arm, reference) for arm in main if arm != reference]
+        pairs += [(family, ablation, arm) for arm in main for ablation in study.ablations(arm)]
+    lines = []
+    for family, arm, reference in pairs:
+        for key in keys:
+            title, metric = metrics[key]
+            deltas = paired_deltas(summaries, arm.name, reference.name, metric)
+            if not deltas:
                 continue
-            for key in keys:
-                title, metric = metrics[key]
-                deltas = paired_deltas(summaries, arm.name, reference.name, metric)
-                if not deltas:
-                    continue
-                unit = ' pp' if key in ('test_top1', 'corr_acc') or key.startswith(('pgd_', 'aa_')) else ''
-                lines.append(f'- {family.name} {arm.label} − {reference.label}, {title}: '
-                             f'{format_mean_std(deltas, DIGITS.get(key, 2), sign=True)}{unit} over {len(deltas)} '
-                             'seed(s)')
+            unit = ' pp' if key in ('test_top1', 'val_top1', 'corr_acc') or key.startswith(('pgd_', 'aa_')) else ''
+            lines.append(f'- {family.name} {arm.label} − {reference.label}, {title}: '
+                         f'{format_mean_std(deltas, DIGITS.get(key, 2), sign=True)}{unit} over {len(deltas)} '
+                         'seed(s)')
     return lines or ['- (no paired runs yet)']
 
 
