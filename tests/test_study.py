@@ -296,7 +296,7 @@ def test_report_tables_conclusions_missing_runs_and_human_text(tmp_path):
         _write_summary(docs, _summary(source, 'vmoe_softmax', seed, test_top1=top1))
     for seed, top1 in ((0, 81.0), (1, 81.0)):
         _write_summary(docs, _summary(source, 'vmoe_similarity', seed, test_top1=top1))
-    _write_summary(docs, _summary(source, 'vmoe_similarity_tau005', 0, test_top1=83.5))
+    _write_summary(docs, _summary(source, 'vmoe_similarity_tau005', 0, test_top1=83.5, val_top1=81.25))
     path = write_report(V1, docs)
     text = path.read_text()
     assert 'Runs missing: vmoe_attention_s0, vmoe_attention_s1, vmoe_softmax_s2,' in text
@@ -306,6 +306,9 @@ def test_report_tables_conclusions_missing_runs_and_human_text(tmp_path):
     # an ablation is paired with its baseline (similarity), not with softmax: 83.5 - 81 at seed 0
     assert '- vmoe similarity, tau=0.05 − similarity, test top-1 (%): +2.50 pp over 1 seed(s)' in text
     assert 'tau=0.05 − softmax' not in text
+    # validation is paired too: 81.25 - 82.0 (the fake run's best val top-1) at seed 0
+    assert '- vmoe similarity, tau=0.05 − similarity, val top-1 (%): -0.75 pp over 1 seed(s)' in text
+    assert '| similarity, tau=0.5 | 0/1 | – |' in text  # an ablation without runs stays an empty row
     # softmax 80, 82 -> 81.00 ± 1.41; similarity 81, 81 -> 81.00 ± 0.00; 2 of 3 seeds
     assert '| softmax | 2/3 | 81.00 ± 1.41 |' in text
     assert '| similarity | 2/3 | 81.00 ± 0.00 |' in text
