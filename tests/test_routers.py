@@ -6,6 +6,7 @@ import torch
 
 from simoe_vision.routers import ROUTERS, TokenGraph, TokenLayout, create_router, similarity_graph
 from simoe_vision.routers.losses import importance_loss, load_loss
+from simoe_vision.routers.router import expert_softmax
 
 B, N, D, E = 2, 7, 16, 4
 
@@ -101,6 +102,20 @@ def test_alpha_zero_gives_softmax_router(name, mix):
 # G1 = [2/3, 1/3], G2 = [1/4, 3/4], G3 = [4/5, 1/5].
 X3 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
 TAU3 = 1.0 / math.log(3.0)
+
+
+def test_expert_softmax_hand_worked():
+    # [log 1, log 3] -> [1/4, 3/4]; a shift by 1000 must not overflow (the max is subtracted first)
+    scores = torch.tensor([[0.0, math.log(3.0)], [1000.0, 1000.0 + math.log(3.0)]])
+    torch.testing.assert_close(expert_softmax(scores), torch.tensor([[0.25, 0.75], [0.25, 0.75]]))
+
+
+@pytest.mark.parametrize('experts', [1, 2, 8, 15, 16, 32])
+def test_expert_softmax_is_torch_softmax(experts):
+    # the written-out rows (E < 16) and torch's kernel (E >= 16) agree with torch.softmax, values and gradients
+    scores = torch.randn(5, 3, experts, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(expert_softmax(scores), scores.softmax(dim=-1))
+    assert torch.autograd.gradcheck(expert_softmax, (scores,))
 
 
 def _three_token_router(mix):

@@ -82,17 +82,16 @@ class Experts(nn.Module):
     def forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """x (M, in) sorted by expert, the first ``counts[0]`` rows for expert 0 and so on -> (M, out).
 
-        One GEMM per expert and layer on exactly its rows (:func:`grouped_linear`). Under autocast the weights are
-        cast to the autocast dtype once per call, not once per expert (the matmuls then run with autocast off).
+        One GEMM per expert and layer on exactly its rows (:func:`grouped_linear`). Under autocast the matmuls run
+        in the autocast dtype with autocast off: :func:`grouped_linear` casts the weights once per call and returns
+        their gradients in fp32.
         """
         if len(counts) != self.num_experts or sum(counts) != x.shape[0]:
             raise ValueError(f'counts must give the rows of each of the {self.num_experts} experts and sum to '
                              f'{x.shape[0]}; got {list(counts)}')
         device, dtype = x.device.type, self.compute_dtype(x.device)
-        w1, b1, w2, b2 = (None if t is None else t.to(dtype)
-                          for t in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))
         with torch.autocast(device, enabled=False):
-            h = grouped_linear(x.to(dtype), w1, b1, counts)
+            h = grouped_linear(x.to(dtype), self.fc1_weight, self.fc1_bias, counts)
         h = self.norm(self.drop1(self.act(h)))
         with torch.autocast(device, enabled=False):
-            return self.drop2(grouped_linear(h.to(dtype), w2, b2, counts))
+            return self.drop2(grouped_linear(h.to(dtype), self.fc2_weight, self.fc2_bias, counts))

@@ -71,7 +71,9 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, counts: Tuple[int, ...], grouped: bool) -> Tensor:
-        ctx.counts, ctx.grouped, ctx.has_bias = counts, grouped, bias is not None
+        ctx.counts, ctx.grouped = counts, grouped
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
+        weight, bias = (None if t is None else t.to(x.dtype) for t in (weight, bias))  # no copy when already x's
         ctx.save_for_backward(x, weight)
         if grouped:
             out = torch._grouped_mm(x, weight, offs=_offsets(counts, x.device))
@@ -92,23 +94,27 @@ class _GroupedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         counts = list(ctx.counts)
         grad = grad.contiguous()
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_b = None
         if ctx.grouped:
             offs = _offsets(counts, x.device)
             if ctx.needs_input_grad[0]:
                 grad_x = torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs)
             if ctx.needs_input_grad[1]:
-                grad_w = torch._grouped_mm(x.t(), grad, offs=offs)
+                grad_w = torch._grouped_mm(x.t(), grad, offs=offs).to(ctx.weight_dtype)
         else:
             if ctx.needs_input_grad[0]:
                 grad_x = x.new_empty(x.shape)
                 for e, (g, dest) in enumerate(zip(grad.split(counts), grad_x.split(counts), strict=True)):
                     torch.mm(g, weight[e].t(), out=dest)
             if ctx.needs_input_grad[1]:
-                grad_w = weight.new_empty(weight.shape)
+                grad_w = weight.new_empty(weight.shape, dtype=ctx.weight_dtype)
                 for e, (rows, g) in enumerate(zip(x.split(counts), grad.split(counts), strict=True)):
-                    torch.mm(rows.t(), g, out=grad_w[e])
-        grad_b = _segment_sum(grad, counts) if ctx.has_bias and ctx.needs_input_grad[2] else None
+                    if grad_w.dtype == x.dtype:
+                        torch.mm(rows.t(), g, out=grad_w[e])
+                    else:  # fp32 master weights under autocast: each expert's product widened while in cache
+                        grad_w[e].copy_(torch.mm(rows.t(), g))
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = _segment_sum(grad, counts).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -116,9 +122,11 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, counts: Seque
                    grouped: bool | None = None) -> Tensor:
     """x (M, in) sorted by expert, ``counts[e]`` rows for expert e -> (M, out), row r of expert e: x_r W[e] + b[e].
 
-    ``weight`` (E, in, out), ``bias`` (E, 1, out) or None, all of x's dtype (cast them once before, not per expert).
-    ``grouped``: force the kernel (True: ``torch._grouped_mm``, False: the loop); None picks by
-    :func:`uses_grouped_mm`.
+    ``weight`` (E, in, out) and ``bias`` (E, 1, out) or None, of x's dtype or wider: fp32 master weights under
+    autocast are cast to x's dtype here, once per call (not once per expert), and their gradients come back in their
+    own dtype, each expert's low-precision product widened into its slice (no full-size low-precision gradient, and
+    no separate cast pass over it). ``grouped``: force the kernel (True: ``torch._grouped_mm``, False: the loop);
+    None picks by :func:`uses_grouped_mm`.
     """
     if grouped is None:
         grouped = uses_grouped_mm(x, weight)

@@ -39,7 +39,7 @@ from .graph import TokenGraph, TokenLayout, similarity_graph
 from .losses import expert_counts, importance_loss, load_loss, switch_balance_loss, z_loss
 
 __all__ = ['GRAPH_SOURCES', 'NOISE_PLACEMENTS', 'LOSS_PROBS', 'RoutingOutput', 'Router', 'SoftmaxRouter',
-           'GraphRouter', 'SimilarityRouter', 'AttentionRouter', 'select_top_k']
+           'GraphRouter', 'SimilarityRouter', 'AttentionRouter', 'expert_softmax', 'select_top_k']
 
 # What a router reads besides its tokens: nothing, a graph it builds from the tokens, or its block's attention.
 GRAPH_SOURCES = ('none', 'tokens', 'attention')
@@ -59,6 +59,16 @@ class RoutingOutput:
     probs: Tensor  # (T, E) the distribution the selection used (noisy in training)
     aux_loss: Tensor  # scalar, already weighted
     stats: Dict[str, Tensor] = field(default_factory=dict)  # detached, for logging and metrics
+
+
+def expert_softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last (expert) dimension. Rows shorter than 16 are written out (``exp(s - max) / sum``):
+    torch's CPU kernel does them element by element, ~5x slower (E = 8, 8320 tokens, fp32, 1 thread: 1.26 vs 0.24 ms
+    a call; a router step takes three). From 16 experts on, and off the CPU, torch's own kernel is used."""
+    if scores.shape[-1] >= 16 or scores.device.type != 'cpu':
+        return scores.softmax(dim=-1)
+    exp = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    return exp / exp.sum(dim=-1, keepdim=True)
 
 
 def log_probs(probs: Tensor) -> Tensor:
@@ -89,7 +99,7 @@ def select_top_k(
     scores = log_probs(probs)
     if noise_std > 0:
         noisy = add_noise(scores, noise_std, generator)
-        probs = noisy.softmax(dim=-1)
+        probs = expert_softmax(noisy)
     else:
         noisy = scores
     weights, indices = probs.topk(top_k, dim=-1)
@@ -168,7 +178,7 @@ class Router(nn.Module):
         """P (B, N, E) from the gate logits; the softmax router uses the gate alone."""
         if graph is not None:
             raise ValueError(f'{type(self).__name__} takes no graph; use the attention or similarity router')
-        return logits.softmax(dim=-1)
+        return expert_softmax(logits)
 
     def forward(
             self,
@@ -196,7 +206,7 @@ class Router(nn.Module):
             if self.noise == 'gate' and noise_std > 0:
                 # The noisy gate log-probs stand in for the logits: softmax and A-mixing in logit space are invariant
                 # to the per-token shift log G - h, so P(noisy) is the same function of h + noise.
-                scores = log_probs(logits.softmax(dim=-1))
+                scores = log_probs(expert_softmax(logits))
                 noisy = add_noise(scores, noise_std)
                 noisy_probs = self.routing_probs(noisy, x, graph, layout).flatten(0, 1)
                 indices, weights, sel_probs, _, _ = select_top_k(noisy_probs, self.top_k, 0.0, self.renormalize)
@@ -228,7 +238,7 @@ class Router(nn.Module):
                + self.z_loss_weight * losses['z_loss'])
         with torch.no_grad():
             load = expert_counts(indices, self.num_experts).float() / indices.numel()
-            diagnostics = routing_diagnostics(logits.softmax(dim=-1), probs)
+            diagnostics = routing_diagnostics(expert_softmax(logits), probs)
         stats = {name: value.detach() for name, value in losses.items()}
         stats.update(load=load, importance=sel_probs.detach().mean(dim=0), **diagnostics)
         return RoutingOutput(indices=indices, weights=weights, probs=sel_probs, aux_loss=aux, stats=stats)
@@ -274,9 +284,9 @@ class GraphRouter(Router):
             token_graph = token_graph.detach()
         a = self.alpha
         if self.mix == 'probs':
-            gates = logits.softmax(dim=-1)
+            gates = expert_softmax(logits)
             return (1.0 - a) * gates + a * token_graph.propagate(gates, fused=self.fused)
-        return ((1.0 - a) * logits + a * token_graph.propagate(logits, fused=self.fused)).softmax(dim=-1)
+        return expert_softmax((1.0 - a) * logits + a * token_graph.propagate(logits, fused=self.fused))
 
 
 class SimilarityRouter(GraphRouter):
