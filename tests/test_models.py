@@ -230,3 +230,20 @@ def test_conv_stem_token_grid_training_and_round_trips(patch, grid, tmp_path):
         assert torch.equal(again(x), expected)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), expected)
+
+
+@pytest.mark.parametrize('router', ['softmax', 'attention'])
+def test_unfused_attention_computes_the_same_model(router):
+    """fused_attn=False (explicit attention matmuls, faster on CPU at few tokens) reaches every block, MoE blocks
+    included, and gives the fused model's outputs and gradients."""
+    outputs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = timm.create_model('vmoe_test', router=router, num_classes=5, fused_attn=fused).eval()
+        assert all(block.attn.fused_attn is fused for block in model.blocks)
+        x = torch.randn(2, *model.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(1))
+        logits = model(x)
+        logits.square().sum().backward()
+        outputs[fused] = (logits, model.blocks[0].attn.qkv.weight.grad)
+    for fused, unfused in zip(outputs[True], outputs[False], strict=True):
+        torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-5)

@@ -84,11 +84,14 @@ class VisionMoE(MoeModelMixin, VisionTransformer):
     Args (besides timm VisionTransformer's): the MoE settings (:class:`~simoe_vision.layers.MoeConfig`'s fields)
     and ``moe_layout``: 'every2' (blocks 1, 3, 5, ...; V-MoE's default), 'last2', or a list of block indices;
     ``expert_init``: 'trunc_normal' (timm's, default) or 'fan_in' (N(0, 1 / fan_in)); ``stem``: 'patch' (timm's
-    patch projection, default) or 'conv' (:func:`conv_stem_embed`).
+    patch projection, default) or 'conv' (:func:`conv_stem_embed`); ``fused_attn``: False runs every block's
+    attention as explicit matmuls (timm's unfused path) instead of ``scaled_dot_product_attention``, whose CPU flash
+    kernel is slow at few tokens (16 tokens, batch 128, 3 heads of 32, forward + backward, 2 threads: 0.85 vs 3-4 ms
+    a layer); True (default) keeps timm's choice.
     """
 
     def __init__(self, *, moe_layout: Layout = 'every2', expert_init: str = 'trunc_normal', stem: str = 'patch',
-                 **kwargs) -> None:
+                 fused_attn: bool = True, **kwargs) -> None:
         if 'block_fn' in kwargs:
             raise ValueError('VisionMoE builds its own blocks; block_fn cannot be given')
         if stem not in STEMS:
@@ -103,6 +106,9 @@ class VisionMoE(MoeModelMixin, VisionTransformer):
         self.moe_config = moe
         self.moe_block_indices = moe_blocks
         init_experts(self, expert_init)
+        if not fused_attn:
+            for block in self.blocks:
+                block.attn.fused_attn = False
 
 
 def _create_vmoe(variant: str, pretrained: bool = False, **kwargs) -> VisionMoE:
