@@ -96,6 +96,18 @@ def test_ema_mixup_bf16_and_bad_val_size(fashion, tmp_path, capsys):
     assert code == 2 and 'val_size must leave both parts non-empty' in captured.err
 
 
+def test_optimizer_kwargs_are_applied_or_refused(fashion, tmp_path, capsys):
+    out = tmp_path / 'runs'
+    args = TINY + ['--data-dir', fashion, '--epochs', 1, '--output', out, '--train-subset', 32]
+    assert run(args + ['--experiment', 'fused', '--opt-kwargs', 'fused=true']) == 0
+    state = torch.load(out / 'fused' / 'last.pt', weights_only=True)
+    assert all(group['fused'] is True for group in state['optimizer']['param_groups'])
+    code, captured = run(args + ['--experiment', 'bad', '--opt-kwargs', 'fusde=true'], capsys)
+    assert code == 2 and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("error: invalid opt_kwargs {'fusde': True} for opt 'adamw'")
+    assert not (out / 'bad').exists()
+
+
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / 'file.bin'
     target.write_bytes(b'good')

@@ -209,6 +209,8 @@ OPTIONS: Dict[str, Option] = {
     'eval_batch_size': Option(_optional(_int), None, 'evaluation batch size (default: 2 x batch size)',
                               check=_positive, requirement='> 0'),
     'opt': Option(_str, 'adamw', 'optimizer (timm create_optimizer_v2 name)'),
+    'opt_kwargs': Option(parse_kwargs, {}, "optimizer constructor kwargs: JSON object or k=v,k=v (e.g. fused=true: "
+                         "torch's fused AdamW kernel, also on CPU)"),
     'lr': Option(_float, 1e-3, 'peak learning rate', check=_positive, requirement='> 0'),
     'min_lr': Option(_float, 1e-5, 'final learning rate of the cosine schedule', check=_non_negative,
                      requirement='>= 0'),

@@ -207,9 +207,12 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
     total_steps = config['epochs'] * steps
     warmup = min(round(config['warmup_epochs'] * steps), total_steps - 1)
     try:
-        optimizer = create_optimizer_v2(core, opt=config['opt'], lr=config['lr'], weight_decay=config['weight_decay'])
+        optimizer = create_optimizer_v2(core, opt=config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
+                                        **config['opt_kwargs'])
     except (ValueError, AssertionError) as e:
         raise ConfigError(f"invalid value {config['opt']!r} for opt: {e}") from None
+    except TypeError as e:  # a keyword the optimizer does not take
+        raise ConfigError(f"invalid opt_kwargs {config['opt_kwargs']!r} for opt {config['opt']!r}: {e}") from None
     # the lr of a step is a function of the config and the step alone: a resumed run follows its (possibly changed)
     # schedule exactly, so no scheduler state is saved or restored
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=config['min_lr'],
