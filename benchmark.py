@@ -19,10 +19,12 @@ In the spirit of timm's benchmark.py. Suites:
   onnxruntime session on as many threads as torch; the file is checked against eager first (``max_diff``).
 
 Variants of a suite run interleaved (round r runs every variant once) and the median over rounds is reported, so the
-ratios come from one run under the same machine load. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
-on a full train step (forward + backward), with formulas added for the CPU flash-attention kernels that it does not
-know (without them attention and graph propagation count zero on CPU). MoE FLOPs count the expert matmuls on the
-tokens actually kept (the sorted dispatch never computes empty capacity slots).
+ratios come from one run under the same machine load; the targets table adds each ratio's lowest and highest value
+over the paired rounds (``rounds``), and says when they fall on both sides of the limit. FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode`` on a full train step (forward + backward), with formulas added for the
+CPU flash-attention kernels that it does not know (without them attention and graph propagation count zero on CPU).
+MoE FLOPs count the expert matmuls on the tokens actually kept (the sorted dispatch never computes empty capacity
+slots).
 
     python benchmark.py --quick                       # < 60 s smoke run, prints the ratio table
     python benchmark.py --suites layer,model --threads 1   # the performance targets, fp32 and bf16
@@ -49,7 +51,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
@@ -64,7 +66,7 @@ import simoe_vision  # noqa: E402,F401  (registers the models)
 from simoe_vision.deploy import check_export, example_images, load_runner  # noqa: E402
 from simoe_vision.models import count_params  # noqa: E402
 from simoe_vision.models.summary import register_cpu_flash_flops  # noqa: E402
-from simoe_vision.perf import count_flops, interleaved  # noqa: E402
+from simoe_vision.perf import count_flops, interleaved, interleaved_rounds, medians, paired_ratio_range  # noqa: E402
 from simoe_vision.perf.allocator import keep_freed_memory  # noqa: E402
 from simoe_vision.perf.layer import LAYER_SHAPES, PRECISIONS, LayerShape, run_layer_suite  # noqa: E402
 from simoe_vision.perf.peers import PEER_NAMES, peer_status  # noqa: E402
@@ -179,14 +181,16 @@ def _model_rows(args: argparse.Namespace, models: Dict[str, nn.Module], mode: st
     steps = {name: make(torch.compile(m) if args.compile else m, args.batch_size, args.img_size, precision == 'bf16')
              for name, m in models.items()}
     flops = {} if args.compile else {name: count_flops(fn) for name, fn in steps.items()}
-    seconds = interleaved(steps, args.rounds, warmup_steps(args))
+    times = interleaved_rounds(steps, args.rounds, warmup_steps(args))
+    seconds = medians(times)
     for name, model in models.items():
         total, active = count_params(model)
         dense = 'swin_dense' if name.startswith('swin') else 'vit_dense'
         softmax = f'{name.rsplit("_", 1)[0]}_softmax'
         row = dict(suite=f'model_{mode}', variant=name, precision=precision, batch=args.batch_size,
                    img_size=args.img_size, tokens=_num_tokens(model, args.img_size), step_ms=seconds[name] * 1e3,
-                   img_s=args.batch_size / seconds[name], params_m=total / 1e6, active_params_m=active / 1e6,
+                   round_ms=[t * 1e3 for t in times[name]], img_s=args.batch_size / seconds[name],
+                   params_m=total / 1e6, active_params_m=active / 1e6,
                    gflops=flops[name] / 1e9 if flops else math.nan,
                    time_vs_dense=seconds[name] / seconds[dense])
         row['flops_vs_dense'] = flops[name] / flops[dense] if flops else math.nan
@@ -353,14 +357,35 @@ def run_deploy_suite(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 @dataclass
 class Target:
+    """A target ratio: ``value`` from the medians, ``spread`` the lowest and highest per-round (paired) ratio."""
+
     name: str
     value: float
     limit: float
     detail: str
+    spread: Tuple[float, float] | None = None
 
     @property
     def met(self) -> bool:
         return self.value <= self.limit
+
+    def verdict(self) -> str:
+        """'met' / 'NOT met' by the median ratio, and whether the rounds' spread straddles the limit."""
+        text = 'met' if self.met else 'NOT met'
+        if self.spread is not None and self.spread[0] <= self.limit < self.spread[1]:
+            text += ' (rounds on both sides)'
+        return text
+
+    def spread_text(self) -> str:
+        return '-' if self.spread is None else f'{self.spread[0]:.3f}-{self.spread[1]:.3f}'
+
+
+def _spread(row: Dict[str, Any], base: Dict[str, Any], scale: float = 1.0) -> Tuple[float, float] | None:
+    """Per-round range of ``row``'s time over ``base``'s (timed in the same rounds), divided by ``scale``."""
+    if 'round_ms' not in row or 'round_ms' not in base:
+        return None
+    lo, hi = paired_ratio_range(row['round_ms'], base['round_ms'])
+    return lo / scale, hi / scale
 
 
 def targets(rows: List[Dict[str, Any]]) -> List[Target]:
@@ -373,12 +398,13 @@ def targets(rows: List[Dict[str, Any]]) -> List[Target]:
             out.append(Target(f'(a) V-MoE / dense train step vs FLOP ratio, {precision}',
                               r['time_vs_dense'] / r['flops_vs_dense'], TARGET_MOE_VS_FLOPS,
                               f"time x{r['time_vs_dense']:.3f}, FLOPs x{r['flops_vs_dense']:.3f}, "
-                              f"{r['tokens']} tokens, batch {r['batch']}"))
+                              f"{r['tokens']} tokens, batch {r['batch']}",
+                              _spread(r, train['vit_dense'], r['flops_vs_dense'])))
         for router in ('similarity', 'attention'):
             if f'vmoe_{router}' in train and r is not None:
                 out.append(Target(f'(b) {router} / softmax router train step, {precision}',
                                   train[f'vmoe_{router}']['time_vs_softmax'], TARGET_GRAPH_VS_SOFTMAX,
-                                  f"{r['tokens']} tokens, batch {r['batch']}"))
+                                  f"{r['tokens']} tokens, batch {r['batch']}", _spread(train[f'vmoe_{router}'], r)))
     out += layer_targets([r for r in rows if r['suite'] == 'layer' and 'step_ms' in r])
     for level in ('model', 'layer', 'router'):
         mem = {r['variant']: r for r in rows if r['suite'] == f'memory_{level}'}
@@ -400,12 +426,14 @@ def layer_targets(rows: List[Dict[str, Any]]) -> List[Target]:
         if precision != 'fp32':
             out.append(Target(f'(d) MoE layer / dense Mlp vs FLOP ratio, {precision}, {shape}',
                               ours['time_vs_dense'] / ours['flops_vs_dense'], TARGET_LAYER_VS_FLOPS,
-                              f"time x{ours['time_vs_dense']:.3f}, FLOPs x{ours['flops_vs_dense']:.3f}"))
+                              f"time x{ours['time_vs_dense']:.3f}, FLOPs x{ours['flops_vs_dense']:.3f}",
+                              _spread(ours, cell.get('dense_mlp', {}), ours['flops_vs_dense'])))
         if shape.endswith('E 32'):
             for peer in ('naive_loop', 'deepspeed', 'deepspeed_dropless'):
                 if peer in cell:
                     out.append(Target(f'(e) ours / {peer}, {precision}, {shape}', 1 / cell[peer]['time_vs_ours'],
-                                      TARGET_MANY_EXPERTS, f"{ours['step_ms']:.0f} vs {cell[peer]['step_ms']:.0f} ms"))
+                                      TARGET_MANY_EXPERTS, f"{ours['step_ms']:.0f} vs {cell[peer]['step_ms']:.0f} ms",
+                                      _spread(ours, cell[peer])))
     return out
 
 
@@ -448,8 +476,8 @@ def markdown(rows: List[Dict[str, Any]], header: str) -> str:
         lines += [f'### {suite}', '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
         lines += ['| ' + ' | '.join(r) + ' |' for r in body]
         lines.append('')
-    lines += ['### targets', '', '| target | value | limit | met | detail |', '|---|---|---|---|---|']
-    lines += [f'| {t.name} | {t.value:.3f} | {t.limit:.2f} | {"met" if t.met else "NOT met"} | {t.detail} |'
+    lines += ['### targets', '', '| target | value | rounds | limit | met | detail |', '|---|---|---|---|---|---|']
+    lines += [f'| {t.name} | {t.value:.3f} | {t.spread_text()} | {t.limit:.2f} | {t.verdict()} | {t.detail} |'
               for t in targets(rows)]
     return '\n'.join(lines) + '\n'
 
@@ -468,11 +496,12 @@ def print_tables(rows: List[Dict[str, Any]], use_rich: bool) -> None:
                 table.add_row(*r)
             console.print(table)
         table = Table(title='targets')
-        for c in ('target', 'value', 'limit', 'met', 'detail'):
+        for c in ('target', 'value', 'rounds', 'limit', 'met', 'detail'):
             table.add_column(c)
         for t in targets(rows):
-            table.add_row(t.name, f'{t.value:.3f}', f'{t.limit:.2f}',
-                          '[green]met[/green]' if t.met else '[red]NOT met[/red]', t.detail)
+            colour = 'green' if t.met else 'red'
+            table.add_row(t.name, f'{t.value:.3f}', t.spread_text(), f'{t.limit:.2f}',
+                          f'[{colour}]{t.verdict()}[/{colour}]', t.detail)
         console.print(table)
     else:
         print(markdown(rows, ''))

@@ -188,18 +188,23 @@ def test_benchmark_layer_suite_rows_and_targets(capsys):
     """--suites layer: every variant in every precision at the given shape, FLOP ratios from the fp32 step, and the
     (d)/(e) targets computed from the run's own rows (marked met or not)."""
     bench = _load_benchmark()
-    results = bench.main(['--suites', 'layer', '--layer-shapes', '2:9:16:32:4,1:9:16:32:32', '--rounds', '1',
+    results = bench.main(['--suites', 'layer', '--layer-shapes', '2:9:16:32:4,1:9:16:32:32', '--rounds', '3',
                           '--warmup', '0', '--threads', '1', '--precisions', 'fp32,bf16,bf16w', '--no-rich'])
     timed = [r for r in results if 'step_ms' in r]
     assert {(r['variant'], r['precision']) for r in timed} == {
         (v, p) for v in ('dense_mlp', 'ours', 'ours_dropless', 'naive_loop') for p in ('fp32', 'bf16', 'bf16w')}
     for r in timed:
-        assert r['step_ms'] > 0
+        assert r['step_ms'] > 0 and len(r['round_ms']) == 3
+        assert r['step_ms'] == pytest.approx(sorted(r['round_ms'])[1])  # the median round
         assert r['flops_vs_dense'] == (1.0 if r['variant'] == 'dense_mlp' else pytest.approx(2.0, rel=0.25))
-    names = [t.name for t in bench.targets(results)]
+    found = bench.targets(results)
+    names = [t.name for t in found]
     assert sum(n.startswith('(d)') for n in names) == 4  # bf16 and bf16w at both shapes
     assert any(n.startswith('(e) ours / naive_loop') for n in names)  # the E = 32 shape
-    assert 'targets' in capsys.readouterr().out
+    for t in found:  # the ratio of medians lies within the paired rounds' range
+        assert t.spread[0] <= t.value * (1 + 1e-9) and t.value <= t.spread[1] * (1 + 1e-9)
+    out = capsys.readouterr().out
+    assert '| target | value | rounds | limit | met | detail |' in out
 
 
 def test_layer_targets_mark_met_and_not_met():
@@ -209,8 +214,31 @@ def test_layer_targets_mark_met_and_not_met():
             dict(variant='naive_loop', shape=shape, precision='bf16', step_ms=8.0, time_vs_ours=0.8)]
     by_name = {t.name.split(',')[0]: t for t in bench.layer_targets(rows)}
     ratio = by_name['(d) MoE layer / dense Mlp vs FLOP ratio']
-    assert ratio.value == 1.0 and ratio.met
+    assert ratio.value == 1.0 and ratio.met and ratio.spread is None and ratio.verdict() == 'met'
     assert by_name['(e) ours / naive_loop'].value == pytest.approx(1.25) and not by_name['(e) ours / naive_loop'].met
+
+
+def test_target_spread_is_the_paired_rounds_range():
+    """(d) from rounds of 12 / 10 / 9 ms (ours) over 5 / 5 / 3 ms (dense), FLOP ratio 2: per-round ratios 1.2, 1.0 and
+    1.5, so the spread is 1.0-1.5; the median ratio (10 / 5) / 2 = 1.0 is met, with rounds on both sides of 1.10."""
+    bench = _load_benchmark()
+    shape = '1x9x16, h 32, E 8'
+    rows = [dict(variant='dense_mlp', shape=shape, precision='bf16', step_ms=5.0, round_ms=[5.0, 5.0, 3.0]),
+            dict(variant='ours', shape=shape, precision='bf16', step_ms=10.0, round_ms=[12.0, 10.0, 9.0],
+                 time_vs_dense=2.0, flops_vs_dense=2.0)]
+    (target,) = bench.layer_targets(rows)
+    assert target.value == 1.0 and target.spread == (pytest.approx(1.0), pytest.approx(1.5))
+    assert target.verdict() == 'met (rounds on both sides)' and target.spread_text() == '1.000-1.500'
+
+
+def test_paired_ratio_range_hand_worked():
+    from simoe_vision.perf import medians, paired_ratio_range
+    assert paired_ratio_range([2.0, 3.0, 6.0], [1.0, 2.0, 2.0]) == (1.5, 3.0)
+    assert medians({'a': [3.0, 1.0, 2.0]}) == {'a': 2.0}
+    with pytest.raises(ValueError):
+        paired_ratio_range([1.0, 2.0], [1.0])  # rounds must pair up
+    with pytest.raises(ValueError):
+        paired_ratio_range([], [])
 
 
 def test_benchmark_refuses_what_it_cannot_apply(capsys):

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..layers import MoeMlp
 from ..routers import create_router
 from .peers import PEER_NAMES, PeerUnavailable, build_peer
-from .timing import count_flops, interleaved
+from .timing import count_flops, interleaved_rounds, medians
 
 __all__ = ['LAYER_SHAPES', 'PRECISIONS', 'LayerShape', 'NaiveLoopMoe', 'run_layer_suite']
 
@@ -95,7 +95,8 @@ def _train_step(layer: nn.Module, shape: LayerShape, precision: str) -> Callable
 def run_layer_suite(shapes: Sequence[LayerShape], precisions: Sequence[str], rounds: int, warmup: int,
                     top_k: int = 2, capacity_factor: float = 1.25, peers: Sequence[str] = (),
                     log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """One row per shape x precision x variant: step time, FLOPs (fp32 train step), time and FLOPs vs dense.
+    """One row per shape x precision x variant: step time (median; ``round_ms``: every round's), FLOPs (fp32 train
+    step), time and FLOPs vs dense.
 
     Variants of one shape and precision run interleaved. A peer that is not installed, or does not do a mode, is
     logged once and left out (its row says why).
@@ -113,10 +114,12 @@ def run_layer_suite(shapes: Sequence[LayerShape], precisions: Sequence[str], rou
         flops = {name: count_flops(_train_step(layer, shape, 'fp32')) for name, layer in builders.items()}
         for precision in precisions:
             steps = {name: _train_step(layer, shape, precision) for name, layer in builders.items()}
-            seconds = interleaved(steps, rounds, warmup)
+            times = interleaved_rounds(steps, rounds, warmup)
+            seconds = medians(times)
             for name in builders:
                 rows.append(dict(suite='layer', variant=name, shape=str(shape), precision=precision,
-                                 step_ms=seconds[name] * 1e3, gflops=flops[name] / 1e9,
+                                 step_ms=seconds[name] * 1e3, round_ms=[t * 1e3 for t in times[name]],
+                                 gflops=flops[name] / 1e9,
                                  flops_vs_dense=flops[name] / flops['dense_mlp'],
                                  time_vs_dense=seconds[name] / seconds['dense_mlp'],
                                  time_vs_ours=seconds[name] / seconds['ours']))
