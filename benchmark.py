@@ -68,6 +68,7 @@ from simoe_vision.models import count_params  # noqa: E402
 from simoe_vision.models.summary import register_cpu_flash_flops  # noqa: E402
 from simoe_vision.perf import count_flops, interleaved, interleaved_rounds, medians, paired_ratio_range  # noqa: E402
 from simoe_vision.perf.allocator import keep_freed_memory  # noqa: E402
+from simoe_vision.perf.hardware import BF16_FALLBACK_HINT, describe_cpu, has_fast_bf16_matmul  # noqa: E402
 from simoe_vision.perf.layer import LAYER_SHAPES, PRECISIONS, LayerShape, run_layer_suite  # noqa: E402
 from simoe_vision.perf.peers import PEER_NAMES, peer_status  # noqa: E402
 from simoe_vision.routers import ROUTERS, TokenGraph, create_router  # noqa: E402
@@ -526,7 +527,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # a few seconds, for the test suite
     'smoke': dict(model='vmoe_test', img_size=32, batch_size=4, rounds=1, warmup=1, router_tokens=[17],
                   router_experts=[4], router_dim=32, router_heads=2, router_token_budget=64, router_iters=1,
-                  suites=['model', 'router'], num_experts=4),
+                  suites=['model', 'router'], num_experts=4, allow_slow_bf16=True),  # tiny: any CPU times bf16
 }
 
 
@@ -554,9 +555,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=None,
                    help=f'warm-up calls per variant (default {DEFAULT_WARMUP}; layer and peers suites '
                         f'{LAYER_WARMUP}: bf16 on CPU compiles a oneDNN kernel per new expert row count)')
-    p.add_argument('--precisions', type=lambda s: s.split(','), default=['fp32', 'bf16'],
+    p.add_argument('--precisions', type=lambda s: s.split(','), default=None,
                    help='model and layer suites: fp32, bf16 (autocast over fp32 weights), bf16w (bf16 weights, layer '
-                        'suite only); default fp32,bf16')
+                        'suite only); default fp32,bf16 (fp32 alone on a CPU without bf16 matmul kernels)')
+    p.add_argument('--allow-slow-bf16', action='store_true',
+                   help="time bf16 even on a CPU without bf16 matmul kernels (torch's ~30x slower fallback)")
     p.add_argument('--compile', action='store_true', help='torch.compile the models (inductor); skips FLOP counts')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: all cores)')
     p.add_argument('--layer-shapes', type=_layer_shapes, default=None,
@@ -585,12 +588,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         for key, value in PRESETS[preset].items():  # options left at their default take the preset's value
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+    fast_bf16 = has_fast_bf16_matmul('cpu')
+    if args.precisions is None:  # bf16 only where it runs on real kernels: the fallback would take hours
+        args.precisions = ['fp32', 'bf16'] if fast_bf16 or args.allow_slow_bf16 else ['fp32']
     wrong = sorted(set(args.precisions) - set(PRECISIONS))
     if wrong:
         p.error(f'--precisions: unknown {", ".join(wrong)}; valid: {", ".join(PRECISIONS)}')
     if 'model' in args.suites and 'bf16w' in args.precisions:
         p.error('--precisions bf16w is for the layer suite only (the model suite runs fp32 and bf16 autocast); '
                 'run --suites layer with it')
+    slow = [name for name in args.precisions if name != 'fp32']
+    if slow and not fast_bf16 and not args.allow_slow_bf16:
+        p.error(f'--precisions {",".join(slow)}: {BF16_FALLBACK_HINT}, so its timings would measure that fallback; '
+                f'pass --precisions fp32, run on a CPU with AVX512 (AVX512-BF16 or AMX for native bf16), or add '
+                f'--allow-slow-bf16')
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
         p.error(f'unknown suite(s) {", ".join(unknown)}; valid: {", ".join(SUITES)}')
@@ -613,11 +624,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return []
-    header = (f'simoe_vision benchmark: torch {torch.__version__}, timm {timm.__version__}, '
+    header = (f'simoe_vision benchmark: torch {torch.__version__}, timm {timm.__version__}, {describe_cpu()}, '
               f'{torch.get_num_threads()} threads, {args.model} @ {args.img_size}px, batch {args.batch_size}, '
               f'E={args.num_experts}, k={args.top_k}, layout {args.moe_layout}, {args.rounds} interleaved rounds '
               f'(medians), {"/".join(args.precisions)}{", compiled" if args.compile else ""}')
     print(header, flush=True)
+    if 'bf16' not in args.precisions and not has_fast_bf16_matmul('cpu'):
+        print(f'bf16 left out: {BF16_FALLBACK_HINT}; --precisions fp32,bf16 --allow-slow-bf16 times it anyway')
     start = time.perf_counter()
     rows: List[Dict[str, Any]] = []
     for suite, run in (('model', run_model_suite), ('layer', run_layers), ('peers', run_layers),

@@ -189,7 +189,8 @@ def test_benchmark_layer_suite_rows_and_targets(capsys):
     (d)/(e) targets computed from the run's own rows (marked met or not)."""
     bench = _load_benchmark()
     results = bench.main(['--suites', 'layer', '--layer-shapes', '2:9:16:32:4,1:9:16:32:32', '--rounds', '3',
-                          '--warmup', '0', '--threads', '1', '--precisions', 'fp32,bf16,bf16w', '--no-rich'])
+                          '--warmup', '0', '--threads', '1', '--precisions', 'fp32,bf16,bf16w', '--allow-slow-bf16',
+                          '--no-rich'])
     timed = [r for r in results if 'step_ms' in r]
     assert {(r['variant'], r['precision']) for r in timed} == {
         (v, p) for v in ('dense_mlp', 'ours', 'ours_dropless', 'naive_loop') for p in ('fp32', 'bf16', 'bf16w')}
@@ -249,6 +250,39 @@ def test_benchmark_refuses_what_it_cannot_apply(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_benchmark_bf16_only_where_the_cpu_has_kernels(monkeypatch, capsys, fast):
+    """Default precisions take bf16 only on a CPU with bf16 matmul kernels; an explicit bf16 there is refused in one
+    line naming the fix (exit 2) unless --allow-slow-bf16 asks for the fallback's timings anyway."""
+    bench = _load_benchmark()
+    monkeypatch.setattr(bench, 'has_fast_bf16_matmul', lambda device: fast)
+    assert bench.parse_args([]).precisions == (['fp32', 'bf16'] if fast else ['fp32'])
+    assert bench.parse_args(['--allow-slow-bf16']).precisions == ['fp32', 'bf16']
+    assert bench.parse_args(['--suites', 'layer', '--precisions', 'bf16w', '--allow-slow-bf16']).precisions == ['bf16w']
+    for argv in (['--precisions', 'fp32,bf16'], ['--suites', 'layer', '--precisions', 'bf16w']):
+        if fast:
+            assert bench.parse_args(argv).precisions == argv[-1].split(',')
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(argv)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2
+        assert 'no bf16 matmul kernels' in error and '--precisions fp32' in error and '--allow-slow-bf16' in error
+
+
+@pytest.mark.parametrize('mkldnn, amx, avx512_bf16, kernel', [
+    (False, False, False, 'none'), (True, True, True, 'amx'), (True, False, True, 'avx512-bf16'),
+    (True, False, False, 'avx512 (emulated)')])
+def test_bf16_matmul_kernel_from_the_cpu_flags(monkeypatch, mkldnn, amx, avx512_bf16, kernel):
+    from simoe_vision.perf import hardware
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: mkldnn)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    assert hardware.bf16_matmul_kernel() == kernel
+    assert hardware.has_fast_bf16_matmul('cpu') is (kernel != 'none')
+    assert f'bf16 matmul: {kernel}' in hardware.describe_cpu() and hardware.cpu_name() in hardware.describe_cpu()
 
 
 def test_keep_freed_memory_applies_or_opts_out(monkeypatch):

@@ -84,12 +84,18 @@ def test_outputs_and_exact_resume(fashion, tmp_path, capsys):
     torch.load(full / 'best.pt', weights_only=True)
 
 
-def test_ema_mixup_bf16_and_bad_val_size(fashion, tmp_path, capsys):
-    """--model-ema with the attention router: the EMA copy is evaluated every epoch (it used to fail there)."""
+def test_ema_mixup_bf16_and_bad_val_size(fashion, tmp_path, capsys, monkeypatch):
+    """--model-ema with the attention router: the EMA copy is evaluated every epoch (it used to fail there). bf16 on
+    a CPU without bf16 matmul kernels trains as asked, with a warning that names the fallback and --amp none."""
+    from simoe_vision.engine import runner as runner_mod
+    monkeypatch.setattr(runner_mod, 'has_fast_bf16_matmul', lambda device: False)
     out = tmp_path / 'runs'
     args = TINY + ['--data-dir', fashion, '--epochs', 1, '--output', out, '--train-subset', 32]
-    assert run(args + ['--experiment', 'opts', '--model-ema', '--model-ema-decay', 0.9, '--mixup', 0.8,
-                       '--cutmix', 1.0, '--amp', 'bf16', '--router', 'attention']) == 0
+    code, captured = run(args + ['--experiment', 'opts', '--model-ema', '--model-ema-decay', 0.9, '--mixup', 0.8,
+                                 '--cutmix', 1.0, '--amp', 'bf16', '--router', 'attention'], capsys)
+    assert code == 0
+    warning = [line for line in captured.out.splitlines() if 'no bf16 matmul kernels' in line]
+    assert len(warning) == 1 and '--amp none' in warning[0]
     state = torch.load(out / 'opts' / 'last.pt', weights_only=True)
     assert set(state['ema']) == set(load_file(out / 'opts' / 'last.safetensors'))
     code, captured = run(args + ['--val-size', 500], capsys)

@@ -29,6 +29,7 @@ from ..data import ClassFoldersMismatchError, CorruptImageError, DatasetNotFound
 from ..layers import exclude_from_ddp, gather_optimizer_state, gather_state_dict, shard_optimizer_state
 from ..metrics import FluctuationTracker, RoutingRecorder
 from ..models import count_params
+from ..perf.hardware import BF16_FALLBACK_HINT, has_fast_bf16_matmul
 from ..routers.diagnostics import DIAGNOSTICS
 from .checkpoint import (
     BEST,
@@ -245,6 +246,8 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
                   f'top-{config["top_k"]}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), '
                   f'{len(data.train.dataset)} train images, {steps} steps/epoch x {env.world_size} process(es); '
                   f'run folder {run_dir}')
+    if config['amp'] == 'bf16' and not has_fast_bf16_matmul(env.device):
+        display.print(f'[yellow]warning:[/yellow] amp bf16: {BF16_FALLBACK_HINT}; --amp none trains in fp32')
     end_epoch = config['stop_after'] or config['epochs']
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
