@@ -21,8 +21,9 @@ In the spirit of timm's benchmark.py. Suites:
 Variants of a suite run interleaved (round r runs every variant once) and the median over rounds is reported, so the
 ratios come from one run under the same machine load; the targets table adds each ratio's lowest and highest value
 over the paired rounds (``rounds``), and says when they fall on both sides of the limit. FLOPs come from
-``torch.utils.flop_counter.FlopCounterMode`` on a full train step (forward + backward), with formulas added for the
-CPU flash-attention kernels that it does not know (without them attention and graph propagation count zero on CPU).
+``torch.utils.flop_counter.FlopCounterMode`` on a full train step (forward + backward), with formulas added for what
+it does not know: the CPU flash-attention kernels (else attention and graph propagation count zero on CPU) and
+``torch._grouped_mm`` (torchtitan's experts, our CUDA expert GEMMs).
 MoE FLOPs count the expert matmuls on the tokens actually kept (the sorted dispatch never computes empty capacity
 slots).
 
@@ -65,7 +66,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 import simoe_vision  # noqa: E402,F401  (registers the models)
 from simoe_vision.deploy import check_export, example_images, load_runner  # noqa: E402
 from simoe_vision.models import count_params  # noqa: E402
-from simoe_vision.models.summary import register_cpu_flash_flops  # noqa: E402
+from simoe_vision.models.summary import register_flop_formulas  # noqa: E402
 from simoe_vision.perf import count_flops, interleaved, interleaved_rounds, medians, paired_ratio_range  # noqa: E402
 from simoe_vision.perf.allocator import keep_freed_memory  # noqa: E402
 from simoe_vision.perf.hardware import BF16_FALLBACK_HINT, describe_cpu, has_fast_bf16_matmul  # noqa: E402
@@ -73,7 +74,7 @@ from simoe_vision.perf.layer import LAYER_SHAPES, PRECISIONS, LayerShape, run_la
 from simoe_vision.perf.peers import PEER_NAMES, peer_status  # noqa: E402
 from simoe_vision.routers import ROUTERS, TokenGraph, create_router  # noqa: E402
 
-register_cpu_flash_flops()
+register_flop_formulas()
 
 
 SUITES = ('model', 'layer', 'peers', 'router', 'memory', 'deploy')

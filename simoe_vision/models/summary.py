@@ -7,7 +7,8 @@ Run ``python -m simoe_vision.models.summary`` (the README's table comes from it)
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List
+import math
+from typing import Dict, List, Sequence
 
 import timm
 import torch
@@ -21,13 +22,24 @@ from torch.utils.flop_counter import (
 
 from . import count_params
 
-__all__ = ['register_cpu_flash_flops', 'model_rows', 'main']
+__all__ = ['grouped_mm_flops', 'register_flop_formulas', 'model_rows', 'main']
 
 aten = torch.ops.aten
 
 
-def register_cpu_flash_flops() -> None:
-    """FlopCounterMode counts CUDA SDPA kernels only; count the CPU flash kernel (timm attention, graph routing)."""
+def grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int], *args, out_shape: Sequence[int],
+                     **kwargs) -> int:
+    """FLOPs of ``torch._grouped_mm(a, b, offs)``: every row of the reduction meets one group's matrix, so
+    2 x (output entries) x K, except a 2-D x 2-D call (groups along the reduction, output (G, m, n)): 2 x m x K x n.
+    Counts the whole of ``a`` (exact when the offsets end at its last row, as the sorted dispatch's do)."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
+def register_flop_formulas() -> None:
+    """Teach FlopCounterMode what torch 2.14 leaves uncounted: the CPU flash-attention kernels (timm attention, graph
+    routing; it counts the CUDA ones only) and ``torch._grouped_mm`` (our CUDA expert GEMMs, torchtitan's MoE)."""
     if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
         @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
         def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -38,9 +50,12 @@ def register_cpu_flash_flops() -> None:
         def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
             return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
+    if hasattr(aten, '_grouped_mm') and aten._grouped_mm not in flop_registry:
+        register_flop_formula(aten._grouped_mm)(grouped_mm_flops)
+
 
 def model_rows(names: List[str], router: str = 'softmax') -> List[Dict[str, object]]:
-    register_cpu_flash_flops()
+    register_flop_formulas()
     rows = []
     for name in names:
         model = timm.create_model(name, router=router, eval_capacity_factor=1.0).eval()
