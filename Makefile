@@ -38,8 +38,8 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check simoe_vision study tests *.py
 
-# Train a small-image V-MoE with the similarity router on Fashion-MNIST (~10 min on 2 CPU cores); prints the results
-# table and the run folder.
+# Train a small-image V-MoE with the similarity router on Fashion-MNIST (~10 min on 2 AVX512 CPU cores, ~17 min on
+# AVX2-only ones); prints the results table and the run folder.
 # The main job on the embedded default: train a small-image V-MoE with the similarity router on Fashion-MNIST,
 # then evaluate it (clean, generated Fashion-MNIST-C, PGD/FGSM, routing) on a fixed subset of the test set.
 DEMO_RUN ?= runs/demo
