@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
@@ -539,8 +539,15 @@ def _layer_shapes(text: str) -> List[LayerShape]:
         raise argparse.ArgumentTypeError(f'{text!r}: give B:N:d:hidden:E shapes, e.g. 32:197:384:1536:8') from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, the problem and its fix, then exit 2 (no usage block above them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--suites', type=lambda s: s.split(','), default=list(DEFAULT_SUITES),
                    help=f'comma-separated subset of {",".join(SUITES)} (default: {",".join(DEFAULT_SUITES)})')
     p.add_argument('--model', default='vmoe_tiny_patch16_224', help='V-MoE model; its dense twin has the same dims')
@@ -600,7 +607,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 'run --suites layer with it')
     slow = [name for name in args.precisions if name != 'fp32']
     if slow and not fast_bf16 and not args.allow_slow_bf16:
-        p.error(f'--precisions {",".join(slow)}: {BF16_FALLBACK_HINT}, so its timings would measure that fallback; '
+        p.error(f'--precisions {",".join(slow)}: {BF16_FALLBACK_HINT}: its timings would measure that fallback; '
                 f'pass --precisions fp32, run on a CPU with AVX512 (AVX512-BF16 or AMX for native bf16), or add '
                 f'--allow-slow-bf16')
     unknown = sorted(set(args.suites) - set(SUITES))

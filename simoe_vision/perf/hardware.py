@@ -14,8 +14,8 @@ import torch
 
 __all__ = ['BF16_FALLBACK_HINT', 'bf16_matmul_kernel', 'cpu_name', 'describe_cpu', 'has_fast_bf16_matmul']
 
-BF16_FALLBACK_HINT = ('this CPU has no bf16 matmul kernels (no AVX512: torch falls back to a reference loop, '
-                      '~30x slower than fp32)')
+BF16_FALLBACK_HINT = ('this CPU has no bf16 matmul kernels (on x86: no AVX512), so torch falls back to a reference '
+                      'loop, ~30x slower than fp32')
 
 
 def cpu_name() -> str:
