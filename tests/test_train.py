@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from simoe_vision.engine import CheckpointError, atomic_write, load_checkpoint, main, save_checkpoint
 from simoe_vision.engine import checkpoint as checkpoint_mod
 from simoe_vision.engine import loop as loop_mod
+from simoe_vision.perf.hardware import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 'blocks.1.mlp'
@@ -75,6 +76,7 @@ def test_outputs_and_exact_resume(fashion, tmp_path, capsys):
     assert dist['tokens'] == 8 * 17 and sum(dist['count']) == 8 * 17 and dist['cdf'][-1] == pytest.approx(1.0)
     results = json.loads((full / 'results.json').read_text())
     assert results['test_images'] == 16 and 0 <= results['test_top1'] <= results['test_top5'] <= 100
+    assert results['machine'] == describe_device('cpu')  # epoch times compare only on the same machine
     best = max(rows(full), key=lambda r: r['val_top1'])
     assert results['best_epoch'] == best['epoch']  # chosen on validation
 

@@ -29,7 +29,7 @@ from ..data import ClassFoldersMismatchError, CorruptImageError, DatasetNotFound
 from ..layers import exclude_from_ddp, gather_optimizer_state, gather_state_dict, shard_optimizer_state
 from ..metrics import FluctuationTracker, RoutingRecorder
 from ..models import count_params
-from ..perf.hardware import BF16_FALLBACK_HINT, has_fast_bf16_matmul
+from ..perf.hardware import BF16_FALLBACK_HINT, describe_device, has_fast_bf16_matmul
 from ..routers.diagnostics import DIAGNOSTICS
 from .checkpoint import (
     BEST,
@@ -306,7 +306,8 @@ def run(config: Dict[str, Any], env: DistEnv, display: Display, stop: StopSignal
     if env.is_main:
         results = {'test_top1': test['top1'], 'test_top5': test['top5'], 'test_images': test['images'],
                    'best_epoch': best['epoch'], 'best_val_top1': best['val_top1'], 'epochs': config['epochs'],
-                   'params': total, 'active_params': active, 'train_time_s': sum(r['epoch_time'] for r in rows)}
+                   'params': total, 'active_params': active, 'train_time_s': sum(r['epoch_time'] for r in rows),
+                   'machine': describe_device(env.device)}
         _write_json(run_dir / 'results.json', results)
         display.results_table(results, str(run_dir))
     if env.distributed:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ['BF16_FALLBACK_HINT', 'bf16_matmul_kernel', 'cpu_name', 'describe_cpu', 'has_fast_bf16_matmul']
+__all__ = ['BF16_FALLBACK_HINT', 'bf16_matmul_kernel', 'cpu_name', 'describe_cpu', 'describe_device',
+           'has_fast_bf16_matmul']
 
 BF16_FALLBACK_HINT = ('this CPU has no bf16 matmul kernels (on x86: no AVX512), so torch falls back to a reference '
                       'loop, ~30x slower than fp32')
@@ -51,3 +52,10 @@ def has_fast_bf16_matmul(device: torch.device | str = 'cpu') -> bool:
 def describe_cpu() -> str:
     """For result headers: the model name, torch's vector ISA and the bf16 matmul kernel."""
     return f'{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, bf16 matmul: {bf16_matmul_kernel()})'
+
+
+def describe_device(device: torch.device | str) -> str:
+    """The machine a job ran on, for run folders (times compare only on the same one): the GPU's name on CUDA, else
+    :func:`describe_cpu`."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else describe_cpu()
