@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
@@ -65,6 +65,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import simoe_vision  # noqa: E402,F401  (registers the models)
 from simoe_vision.deploy import check_export, example_images, load_runner  # noqa: E402
+from simoe_vision.evaluation.cli import EXIT_USAGE, UsageError, _Parser  # noqa: E402
 from simoe_vision.models import count_params  # noqa: E402
 from simoe_vision.models.summary import register_flop_formulas  # noqa: E402
 from simoe_vision.perf import count_flops, interleaved, interleaved_rounds, medians, paired_ratio_range  # noqa: E402
@@ -539,14 +540,16 @@ def _layer_shapes(text: str) -> List[LayerShape]:
         raise argparse.ArgumentTypeError(f'{text!r}: give B:N:d:hidden:E shapes, e.g. 32:197:384:1536:8') from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, the problem and its fix, then exit 2 (no usage block above them)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f'{self.prog}: error: {message}\n')
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The resolved options; a bad one exits 2 with one line naming the problem and its fix (no usage block)."""
+    try:
+        return _parse_args(argv)
+    except UsageError as e:
+        print(f'benchmark.py: error: {e}', file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = _Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--suites', type=lambda s: s.split(','), default=list(DEFAULT_SUITES),
                    help=f'comma-separated subset of {",".join(SUITES)} (default: {",".join(DEFAULT_SUITES)})')
